@@ -1,0 +1,43 @@
+# The two commands the README starts with:  make run  ·  make test
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export SAGEMAKER_SUPPRESS_V2_WARNING := 1
+
+.PHONY: run test lint pytest venv browser clean benchmark
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+
+# Reinstall when the project's dependency list changes.
+$(STAMP): $(PY) setup.py
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Headless Chromium for the report-rendering tests (Debian's package; Playwright's own download is not possible here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || \
+	  { if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "warning: could not install chromium; browser tests will be skipped"; \
+	    else echo "warning: chromium missing (apt-get install chromium); browser tests will be skipped"; fi; }
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+pytest: $(STAMP) browser
+	$(VENV)/bin/pytest
+
+test: lint pytest
+
+# Full pipeline locally on a generated dataset, ending with a deployed local endpoint answering a real image.
+run: $(STAMP)
+	$(PY) -m pipelines.demo
+
+benchmark: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf .mlops .pytest_cache .ruff_cache

@@ -1,0 +1,49 @@
+"""Packaging for the image-classification MLOps pipeline (SageMaker Pipelines + embedded local engine)."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    # torch/torchvision are pinned exactly: on x86_64 these come from local disk; never let a resolver pull another.
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    # The v2 sagemaker.workflow API.
+    "sagemaker>=2.250,<3",
+    "boto3>=1.34",
+    "pillow>=10.0",
+    # smdebug calls ndarray.tostring() (gone in numpy 2); sagemaker 2.257 accepts numpy>=1.26.4.
+    "numpy==1.26.*",
+    "pandas<3",
+    # Debugger: smdebug 1.0.34 pins protobuf<=3.20.3 and needs requests/pandas/psutil without declaring them.
+    "smdebug==1.0.34",
+    "protobuf<=3.20.3",
+    "requests>=2.31",
+    "psutil>=5.9",
+    "optuna>=4.0,<6",
+    "rich>=13.0",
+    "matplotlib>=3.8",
+    "PyYAML>=6.0",
+]
+
+EXTRAS_REQUIRE = {
+    "dev": [
+        "pytest>=8.0",
+        "pytest-timeout>=2.3",
+        "ruff>=0.6",
+        "moto[s3,sagemaker,awslambda,events,iam,cloudformation]>=5.2,<6",
+        "cfn-lint>=1.0",
+        "playwright>=1.45",
+    ],
+}
+
+setup(
+    name="imgclf-mlops",
+    version="0.1.0",
+    description="Image-classification MLOps workflow on Amazon SageMaker Pipelines, runnable end to end locally.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["pipelines", "pipelines.*", "steps", "steps.*", "training", "training.*",
+                                    "inference", "inference.*"]),
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["imgclf-pipeline=pipelines.run:main"]},
+)
