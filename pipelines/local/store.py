@@ -1,0 +1,121 @@
+"""Local state of the embedded engine: one directory (``MLOPS_HOME``, default ``./.mlops``).
+
+Layout::
+
+    $MLOPS_HOME/
+      artifacts/<bucket>/<key>     the local stand-in for s3://<bucket>/<key>
+      mlops.db                     SQLite: executions, steps, trials, model registry, endpoints
+      runs/<execution-id>/<step>/  job working dirs (remapped /opt/ml), logs per step
+
+Every module owns its own tables (``CREATE TABLE IF NOT EXISTS`` in its ``SCHEMA``) and gets its
+connection from :func:`connect`, so there is exactly one database and one way to open it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+LOCAL_BUCKET = "mlops-local"
+LOCAL_REGION = "us-east-1"
+LOCAL_ACCOUNT = "000000000000"
+LOCAL_ROLE_ARN = f"arn:aws:iam::{LOCAL_ACCOUNT}:role/MLOpsLocalExecutionRole"
+DEPLOY_FUNCTION_NAME = "imgclf-deploy-approved-model"
+DEPLOY_FUNCTION_ARN = f"arn:aws:lambda:{LOCAL_REGION}:{LOCAL_ACCOUNT}:function:{DEPLOY_FUNCTION_NAME}"
+
+
+def mlops_home() -> Path:
+    """The local state directory (env ``MLOPS_HOME``, default ``./.mlops``), created on first use."""
+    home = Path(os.environ.get("MLOPS_HOME") or Path.cwd() / ".mlops").expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def runs_dir() -> Path:
+    path = mlops_home() / "runs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def connect(schema: Iterable[str] = ()) -> sqlite3.Connection:
+    """Open the engine's SQLite database (WAL, busy timeout, ``Row`` rows) and apply ``schema`` statements."""
+    conn = sqlite3.connect(mlops_home() / "mlops.db", timeout=30, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    for statement in schema:
+        conn.execute(statement)
+    return conn
+
+
+class ArtifactStore:
+    """Maps ``s3://bucket/key`` to files under ``$MLOPS_HOME/artifacts``; local paths and ``file://`` pass through."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = (root or mlops_home() / "artifacts").resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, uri: str) -> Path:
+        """Local path of an ``s3://``, ``file://`` or plain-path URI (no existence check)."""
+        parsed = urlparse(uri)
+        if parsed.scheme == "s3":
+            if not parsed.netloc:
+                raise ValueError(f"S3 URI without a bucket: {uri!r}")
+            target = (self.root / parsed.netloc / unquote(parsed.path.lstrip("/"))).resolve()
+            if not target.is_relative_to(self.root):
+                raise ValueError(f"S3 URI escapes the artifact store: {uri!r}")
+            return target
+        if parsed.scheme == "file":
+            return Path(unquote(parsed.path))
+        if parsed.scheme in ("", None) or len(parsed.scheme) == 1:  # plain path (or a Windows drive letter)
+            return Path(uri).expanduser().resolve()
+        raise ValueError(f"unsupported URI scheme {parsed.scheme!r} in {uri!r} (use s3://, file:// or a local path)")
+
+    def uri(self, path: Path) -> str:
+        """The ``s3://`` URI of a path inside the store (``file://`` for paths outside it)."""
+        path = Path(path).resolve()
+        if path.is_relative_to(self.root):
+            bucket, *key = path.relative_to(self.root).parts
+            return f"s3://{bucket}/{'/'.join(key)}"
+        return path.as_uri()
+
+    def put_bytes(self, uri: str, data: bytes) -> Path:
+        target = self.path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+        return target
+
+    def exists(self, uri: str) -> bool:
+        return self.path(uri).exists()
+
+    def copy_in(self, src: Path, uri: str) -> Path:
+        """Copy a file or directory tree to ``uri`` (replacing what is there)."""
+        target = self.path(uri)
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if Path(src).is_dir():
+            shutil.copytree(src, target)
+        else:
+            shutil.copy2(src, target)
+        return target
+
+    def copy_out(self, uri: str, dest: Path) -> Path:
+        """Copy what ``uri`` names (a file, or every object under a prefix) into ``dest``."""
+        src = self.path(uri)
+        if not src.exists():
+            raise FileNotFoundError(f"{uri} does not exist in the local artifact store ({src})")
+        dest = Path(dest)
+        if src.is_dir():
+            shutil.copytree(src, dest, dirs_exist_ok=True)
+        else:
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / src.name)
+        return dest
