@@ -1,0 +1,497 @@
+"""Deploy the newest *Approved* model package of a group to a SageMaker endpoint.
+
+One code path for three callers:
+
+* the pipeline's ``DeployApprovedModel`` LambdaStep (event ``{"model_package_group_name", "endpoint_name",
+  "instance_type", "instance_count"[, "role_arn", "data_capture_s3_uri"]}``),
+* the EventBridge rule on ``SageMaker Model Package State Change`` events (approval *and* rejection: rejecting the live
+  version makes the previous approved one the newest, so the same reconciliation rolls the endpoint back),
+* the local engine, which passes its own client (same methods, same request/response shapes) to :func:`handle_event`.
+
+The function is a reconciler: it computes the desired state (the newest Approved package of the group) and moves the
+endpoint towards it with at most one ``CreateEndpoint``/``UpdateEndpoint`` call, never waiting for ``InService``
+(an update takes minutes; the Lambda returns the endpoint status, a later call or ``pipelines.run endpoints`` reports
+it).
+Updates are blue/green (``UpdateEndpoint`` with a ``DeploymentConfig``; SageMaker keeps the old fleet serving until the
+new one is healthy and rolls back on its own if the new fleet fails to come up).
+
+Only these SageMaker client methods are used (docs/CONTRACTS.md §8): ``list_model_packages``,
+``describe_model_package``, ``create_model``, ``describe_model``, ``create_endpoint_config``,
+``describe_endpoint_config``, ``create_endpoint``, ``update_endpoint``, ``describe_endpoint``, ``add_tags``,
+``list_tags``. The module needs only the standard library and botocore/boto3 (both in the Lambda runtime), so the
+Lambda bundle is this one file (``deploy.py`` at the zip root, handler ``deploy.lambda_handler``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+logger = logging.getLogger(__name__)
+
+# Shared defaults (docs/CONTRACTS.md §11).
+DEFAULT_MODEL_PACKAGE_GROUP_NAME = "ImageClassifierModels"
+DEFAULT_ENDPOINT_NAME = "imgclf-endpoint"
+DEFAULT_INSTANCE_TYPE = "ml.m5.large"
+DEFAULT_INSTANCE_COUNT = 1
+
+# Tags written on the model, endpoint config and endpoint this module creates.
+TAG_MODEL_PACKAGE_ARN = "imgclf:model-package-arn"
+TAG_MODEL_PACKAGE_GROUP = "imgclf:model-package-group"
+
+EVENTBRIDGE_DETAIL_TYPE = "SageMaker Model Package State Change"
+VARIANT_NAME = "AllTraffic"
+LIST_PAGE_SIZE = 100  # MaxResults for list_model_packages (the API maximum)
+MAX_NAME_LENGTH = 63
+_NAME_RE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+_ROLE_ARN_RE = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/\S+$")
+_INSTANCE_TYPE_RE = re.compile(r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
+
+STATUS_CREATED = "Created"
+STATUS_UPDATED = "Updated"
+STATUS_NO_CHANGE = "NoChange"
+STATUS_NOTHING_APPROVED = "NothingApproved"
+
+# Endpoint states in which SageMaker refuses UpdateEndpoint until the running operation ends.
+_IN_PROGRESS = {"Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting"}
+
+# Blue/green, all traffic at once once the new fleet is healthy; SageMaker keeps the old fleet until then.
+BLUE_GREEN_DEPLOYMENT_CONFIG: dict[str, Any] = {
+    "BlueGreenUpdatePolicy": {
+        "TrafficRoutingConfiguration": {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": 0},
+        "TerminationWaitInSeconds": 120,
+        "MaximumExecutionTimeoutInSeconds": 3600,
+    },
+}
+
+
+class DeploymentError(RuntimeError):
+    """The endpoint cannot be moved to the desired model right now (busy, failed); nothing was changed."""
+
+
+class EndpointBusyError(DeploymentError):
+    """The endpoint is in the middle of another operation; retry later (Lambda's async retries do this)."""
+
+
+# --------------------------------------------------------------------------------------------------- public API
+
+
+def deploy_latest_approved(
+    sm_client: Any,
+    model_package_group_name: str,
+    endpoint_name: str,
+    *,
+    execution_role_arn: str,
+    instance_type: str = DEFAULT_INSTANCE_TYPE,
+    initial_instance_count: int = DEFAULT_INSTANCE_COUNT,
+    data_capture_s3_uri: str | None = None,
+) -> dict[str, Any]:
+    """Make ``endpoint_name`` serve the newest Approved package of ``model_package_group_name``.
+
+    Returns ``{"status": "Created"|"Updated"|"NoChange"|"NothingApproved", "endpoint_name", "model_package_arn",
+    "endpoint_status", "message"}``. ``model_package_arn`` is the package the endpoint serves (or is being moved to);
+    ``None`` with ``NothingApproved``. ``endpoint_status`` is the endpoint's status after the call, ``None`` when
+    there is no endpoint.
+
+    Instance settings only take effect with a model change: the same approved version twice is a no-op even if the
+    settings differ. Raises ``ValueError`` for bad arguments, :class:`EndpointBusyError` when the endpoint is being
+    created/updated towards another model, :class:`DeploymentError` when it is ``Failed``, and lets SageMaker's
+    ``ClientError`` through for anything else.
+    """
+    _validate_arguments(model_package_group_name, endpoint_name, execution_role_arn, instance_type,
+                        initial_instance_count, data_capture_s3_uri)
+    latest = latest_approved_package(sm_client, model_package_group_name)
+    endpoint = _describe_endpoint(sm_client, endpoint_name)
+
+    if latest is None:
+        if endpoint is None:
+            message = (f"No Approved model package in group {model_package_group_name!r}; endpoint {endpoint_name!r} "
+                       "was not created. Approve a version to deploy it.")
+        else:
+            serving = _package_of_config(sm_client, endpoint.get("EndpointConfigName"))
+            message = (f"No Approved model package in group {model_package_group_name!r}; endpoint {endpoint_name!r} "
+                       f"left unchanged (still serving {serving or 'an unknown model'}). Approve a version to "
+                       "replace it.")
+        logger.warning(message)
+        return _result(STATUS_NOTHING_APPROVED, endpoint_name, None,
+                       endpoint.get("EndpointStatus") if endpoint else None, message)
+
+    package_arn = latest["ModelPackageArn"]
+    package = sm_client.describe_model_package(ModelPackageName=package_arn)
+    _check_deployable(package)
+    version = package.get("ModelPackageVersion", latest.get("ModelPackageVersion"))
+    logger.info("Newest Approved package of %s: %s (version %s)", model_package_group_name, package_arn, version)
+
+    if endpoint is not None:
+        no_change = _no_change_or_raise(sm_client, endpoint, package_arn)
+        if no_change is not None:
+            return no_change
+
+    tags = [{"Key": TAG_MODEL_PACKAGE_ARN, "Value": package_arn},
+            {"Key": TAG_MODEL_PACKAGE_GROUP, "Value": model_package_group_name}]
+    model_name = _ensure_model(sm_client, endpoint_name, package_arn, version, execution_role_arn, tags)
+    config_name = _ensure_endpoint_config(sm_client, endpoint_name, model_name, version, instance_type,
+                                          initial_instance_count, data_capture_s3_uri, tags)
+
+    if endpoint is None:
+        sm_client.create_endpoint(EndpointName=endpoint_name, EndpointConfigName=config_name, Tags=tags)
+        status = STATUS_CREATED
+        message = (f"Creating endpoint {endpoint_name!r} with {package_arn} (version {version}) on "
+                   f"{initial_instance_count} x {instance_type}, config {config_name!r}.")
+    else:
+        previous = _package_of_config(sm_client, endpoint.get("EndpointConfigName"))
+        sm_client.update_endpoint(
+            EndpointName=endpoint_name,
+            EndpointConfigName=config_name,
+            # Use the instance type/count of the new config rather than the live fleet's.
+            RetainAllVariantProperties=False,
+            DeploymentConfig=BLUE_GREEN_DEPLOYMENT_CONFIG,
+        )
+        sm_client.add_tags(ResourceArn=endpoint["EndpointArn"], Tags=tags)
+        status = STATUS_UPDATED
+        message = (f"Updating endpoint {endpoint_name!r} (blue/green) from {previous or 'an unknown model'} to "
+                   f"{package_arn} (version {version}), config {config_name!r}.")
+    logger.info(message)
+    endpoint_status = sm_client.describe_endpoint(EndpointName=endpoint_name)["EndpointStatus"]
+    return _result(status, endpoint_name, package_arn, endpoint_status, message)
+
+
+def latest_approved_package(sm_client: Any, model_package_group_name: str) -> dict[str, Any] | None:
+    """The ``ModelPackageSummary`` of the group's newest Approved package (highest version), or ``None``.
+
+    Walks every page (``NextToken``) and re-checks status and ordering client-side, so a backend that pages
+    differently or ignores ``SortBy`` still gives the right answer.
+    """
+    best: dict[str, Any] | None = None
+    request: dict[str, Any] = {
+        "ModelPackageGroupName": model_package_group_name,
+        "ModelApprovalStatus": "Approved",
+        "SortBy": "CreationTime",
+        "SortOrder": "Descending",
+        "MaxResults": LIST_PAGE_SIZE,
+    }
+    seen_tokens: set[str] = set()
+    while True:
+        page = sm_client.list_model_packages(**request)
+        for summary in page.get("ModelPackageSummaryList", []):
+            if summary.get("ModelApprovalStatus") != "Approved":
+                continue
+            if summary.get("ModelPackageStatus") not in (None, "Completed"):
+                logger.warning("Skipping approved package %s: status %s", summary.get("ModelPackageArn"),
+                               summary.get("ModelPackageStatus"))
+                continue
+            if best is None or _recency(summary) > _recency(best):
+                best = summary
+        token = page.get("NextToken")
+        if not token:
+            return best
+        if token in seen_tokens:  # a backend bug must not become an endless Lambda
+            raise RuntimeError(f"list_model_packages returned the same NextToken twice for {model_package_group_name}")
+        seen_tokens.add(token)
+        request["NextToken"] = token
+
+
+def handle_event(event: Any, sm_client: Any, *, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Parse a LambdaStep or EventBridge event (see :func:`parse_event`) and run :func:`deploy_latest_approved`."""
+    request = parse_event(event, env=env)
+    logger.info("Deploy request: %s", json.dumps(request, sort_keys=True))
+    group = request.pop("model_package_group_name")
+    endpoint_name = request.pop("endpoint_name")
+    return deploy_latest_approved(sm_client, group, endpoint_name, **request)
+
+
+def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
+    """AWS Lambda entry point: :func:`handle_event` with a boto3 SageMaker client (created on first use)."""
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    request_id = getattr(context, "aws_request_id", None)
+    logger.info("Invocation %s, event: %s", request_id, json.dumps(event, default=str)[:4000])
+    try:
+        return handle_event(event, _sagemaker_client())
+    except ValueError:
+        logger.exception("Rejected event")
+        raise
+
+
+def parse_event(event: Any, *, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Turn an event into :func:`deploy_latest_approved` keyword arguments (plus group and endpoint name).
+
+    * LambdaStep event: ``model_package_group_name`` and ``endpoint_name`` required; ``instance_type``,
+      ``instance_count``, ``role_arn``, ``data_capture_s3_uri`` optional (env, then defaults).
+    * EventBridge ``SageMaker Model Package State Change``: group from ``detail.ModelPackageGroupName``; endpoint from
+      env ``ENDPOINT_NAME`` (default ``imgclf-endpoint``).
+
+    Env (``env`` or ``os.environ``): ``SAGEMAKER_EXECUTION_ROLE_ARN``, ``ENDPOINT_NAME``, ``ENDPOINT_INSTANCE_TYPE``,
+    ``ENDPOINT_INSTANCE_COUNT``, ``DATA_CAPTURE_S3_URI``. Raises ``ValueError`` naming the missing or bad field.
+    """
+    env = os.environ if env is None else env
+    if not isinstance(event, Mapping):
+        raise ValueError(f"deploy event must be a JSON object, got {type(event).__name__}")
+
+    if "detail-type" in event or "detail" in event:
+        detail_type = event.get("detail-type")
+        if detail_type != EVENTBRIDGE_DETAIL_TYPE:
+            raise ValueError(f"unsupported EventBridge event: 'detail-type' is {detail_type!r}, "
+                             f"expected {EVENTBRIDGE_DETAIL_TYPE!r}")
+        detail = event.get("detail")
+        if not isinstance(detail, Mapping):
+            raise ValueError("EventBridge event is missing the 'detail' object")
+        group = _required_str(detail, "ModelPackageGroupName", "detail.ModelPackageGroupName")
+        logger.info("Model package state change: %s version %s is now %s", group,
+                    detail.get("ModelPackageVersion"), detail.get("ModelApprovalStatus"))
+        endpoint_name = env.get("ENDPOINT_NAME") or DEFAULT_ENDPOINT_NAME
+        instance_type = env.get("ENDPOINT_INSTANCE_TYPE") or DEFAULT_INSTANCE_TYPE
+        instance_count: Any = env.get("ENDPOINT_INSTANCE_COUNT") or DEFAULT_INSTANCE_COUNT
+        role_arn = env.get("SAGEMAKER_EXECUTION_ROLE_ARN")
+        data_capture = env.get("DATA_CAPTURE_S3_URI")
+        role_source = "env SAGEMAKER_EXECUTION_ROLE_ARN"
+    else:
+        group = _required_str(event, "model_package_group_name", "model_package_group_name")
+        endpoint_name = _required_str(event, "endpoint_name", "endpoint_name")
+        instance_type = event.get("instance_type") or env.get("ENDPOINT_INSTANCE_TYPE") or DEFAULT_INSTANCE_TYPE
+        instance_count = (event.get("instance_count") or env.get("ENDPOINT_INSTANCE_COUNT")
+                          or DEFAULT_INSTANCE_COUNT)
+        role_arn = event.get("role_arn") or env.get("SAGEMAKER_EXECUTION_ROLE_ARN")
+        data_capture = event.get("data_capture_s3_uri") or env.get("DATA_CAPTURE_S3_URI")
+        role_source = "event 'role_arn' or env SAGEMAKER_EXECUTION_ROLE_ARN"
+
+    if not role_arn:
+        raise ValueError(f"no SageMaker execution role for CreateModel: set {role_source}")
+    try:
+        count = int(instance_count)
+    except (TypeError, ValueError):
+        raise ValueError(f"instance_count must be a positive integer, got {instance_count!r}") from None
+    return {
+        "model_package_group_name": group,
+        "endpoint_name": endpoint_name,
+        "execution_role_arn": str(role_arn),
+        "instance_type": str(instance_type),
+        "initial_instance_count": count,
+        "data_capture_s3_uri": str(data_capture) if data_capture else None,
+    }
+
+
+def resource_name(endpoint_name: str, suffix: str) -> str:
+    """``<endpoint_name>-<suffix>`` within SageMaker's 63-character name rule (the endpoint part is cut if needed).
+
+    With endpoint names of at most 40 characters nothing is cut, so IAM policies can scope to ``<endpoint>-*``.
+    """
+    room = MAX_NAME_LENGTH - len(suffix) - 1
+    if room < 1:
+        raise ValueError(f"name suffix {suffix!r} leaves no room for the endpoint name")
+    base = endpoint_name[:room].rstrip("-")
+    name = f"{base}-{suffix}"
+    if not _NAME_RE.match(name):
+        raise ValueError(f"derived resource name {name!r} is not a valid SageMaker name")
+    return name
+
+
+# --------------------------------------------------------------------------------------------------- internals
+
+
+def _result(status: str, endpoint_name: str, package_arn: str | None, endpoint_status: str | None,
+            message: str) -> dict[str, Any]:
+    return {"status": status, "endpoint_name": endpoint_name, "model_package_arn": package_arn,
+            "endpoint_status": endpoint_status, "message": message}
+
+
+def _validate_arguments(group: str, endpoint_name: str, role_arn: str, instance_type: str, count: int,
+                        data_capture_s3_uri: str | None) -> None:
+    if not isinstance(group, str) or not group.strip():
+        raise ValueError("model_package_group_name must be a non-empty string")
+    if not isinstance(endpoint_name, str) or not _NAME_RE.match(endpoint_name):
+        raise ValueError(f"endpoint_name {endpoint_name!r} is not a valid SageMaker endpoint name "
+                         "(letters, digits and hyphens, at most 63 characters, starting with a letter or digit)")
+    if not isinstance(role_arn, str) or not _ROLE_ARN_RE.match(role_arn):
+        raise ValueError(f"execution_role_arn {role_arn!r} is not an IAM role ARN (arn:aws:iam::<account>:role/...)")
+    if not isinstance(instance_type, str) or not _INSTANCE_TYPE_RE.match(instance_type):
+        raise ValueError(f"instance_type {instance_type!r} is not a SageMaker instance type like 'ml.m5.large'")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"initial_instance_count must be a positive integer, got {count!r}")
+    if data_capture_s3_uri is not None and not (isinstance(data_capture_s3_uri, str)
+                                                and data_capture_s3_uri.startswith("s3://")
+                                                and len(data_capture_s3_uri) > len("s3://")):
+        raise ValueError(f"data_capture_s3_uri must be an s3:// URI, got {data_capture_s3_uri!r}")
+
+
+def _required_str(mapping: Mapping[str, Any], key: str, label: str) -> str:
+    value = mapping.get(key)
+    if not isinstance(value, str) or not value.strip():
+        present = ", ".join(sorted(map(str, mapping))) or "none"
+        raise ValueError(f"deploy event is missing required field {label!r} (fields present: {present})")
+    return value.strip()
+
+
+def _recency(summary: Mapping[str, Any]) -> tuple[int, Any]:
+    version = summary.get("ModelPackageVersion")
+    return (int(version) if version is not None else -1, summary.get("CreationTime") or "")
+
+
+def _check_deployable(package: Mapping[str, Any]) -> None:
+    arn = package.get("ModelPackageArn")
+    if package.get("ModelApprovalStatus") != "Approved":
+        raise DeploymentError(f"{arn} is {package.get('ModelApprovalStatus')} now (changed while deploying); "
+                              "nothing was changed")
+    containers = (package.get("InferenceSpecification") or {}).get("Containers") or []
+    if not containers:
+        raise DeploymentError(f"{arn} has no InferenceSpecification containers, so it cannot be deployed")
+
+
+def _is_not_found(error: ClientError) -> bool:
+    # SageMaker reports missing models/configs/endpoints as ValidationException "Could not find ...".
+    code = error.response.get("Error", {}).get("Code", "")
+    return code in ("ValidationException", "ResourceNotFound", "ResourceNotFoundException")
+
+
+def _describe_endpoint(sm_client: Any, endpoint_name: str) -> dict[str, Any] | None:
+    try:
+        return sm_client.describe_endpoint(EndpointName=endpoint_name)
+    except ClientError as error:
+        if _is_not_found(error):
+            return None
+        raise
+
+
+def _package_of_model(sm_client: Any, model_name: str) -> str | None:
+    try:
+        model = sm_client.describe_model(ModelName=model_name)
+    except ClientError as error:
+        if _is_not_found(error):
+            return None
+        raise
+    containers = [model.get("PrimaryContainer") or {}] + list(model.get("Containers") or [])
+    for container in containers:
+        if container.get("ModelPackageName"):
+            return str(container["ModelPackageName"])
+    if model.get("ModelArn"):  # a model built from images: fall back to our tag
+        tags = _list_all_tags(sm_client, model["ModelArn"])
+        return tags.get(TAG_MODEL_PACKAGE_ARN)
+    return None
+
+
+def _package_of_config(sm_client: Any, config_name: str | None) -> str | None:
+    """The model package an endpoint config serves (walks config -> model), ``None`` if unknown."""
+    if not config_name:
+        return None
+    try:
+        config = sm_client.describe_endpoint_config(EndpointConfigName=config_name)
+    except ClientError as error:
+        if _is_not_found(error):
+            logger.warning("Endpoint config %s no longer exists", config_name)
+            return None
+        raise
+    variants = config.get("ProductionVariants") or []
+    if len(variants) != 1:
+        return None  # several variants (A/B) are not something this module deployed
+    return _package_of_model(sm_client, variants[0]["ModelName"])
+
+
+def _list_all_tags(sm_client: Any, arn: str) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    request: dict[str, Any] = {"ResourceArn": arn}
+    while True:
+        page = sm_client.list_tags(**request)
+        tags.update({tag["Key"]: tag["Value"] for tag in page.get("Tags", [])})
+        if not page.get("NextToken"):
+            return tags
+        request["NextToken"] = page["NextToken"]
+
+
+def _no_change_or_raise(sm_client: Any, endpoint: Mapping[str, Any], package_arn: str) -> dict[str, Any] | None:
+    """``NoChange`` result if the endpoint already serves (or is moving to) ``package_arn``; raise if it can't move."""
+    name = endpoint["EndpointName"]
+    status = endpoint.get("EndpointStatus")
+    pending_config = (endpoint.get("PendingDeploymentSummary") or {}).get("EndpointConfigName")
+    if status in _IN_PROGRESS:
+        target = _package_of_config(sm_client, pending_config or endpoint.get("EndpointConfigName"))
+        if target == package_arn:
+            message = f"Endpoint {name!r} is already {status} towards {package_arn}; nothing to do."
+            logger.info(message)
+            return _result(STATUS_NO_CHANGE, name, package_arn, status, message)
+        raise EndpointBusyError(f"Endpoint {name!r} is {status} (towards {target or 'an unknown model'}); cannot "
+                                f"deploy {package_arn} until it finishes. Retry later.")
+    if status == "InService":
+        serving = _package_of_config(sm_client, endpoint.get("EndpointConfigName"))
+        if serving == package_arn:
+            message = f"Endpoint {name!r} already serves {package_arn}; nothing to do."
+            logger.info(message)
+            return _result(STATUS_NO_CHANGE, name, package_arn, status, message)
+        return None
+    reason = endpoint.get("FailureReason") or "no reason given"
+    raise DeploymentError(f"Endpoint {name!r} is {status} ({reason}); SageMaker cannot update it. Delete it "
+                          f"(aws sagemaker delete-endpoint --endpoint-name {name}) and deploy again.")
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _ensure_model(sm_client: Any, endpoint_name: str, package_arn: str, version: Any, role_arn: str,
+                  tags: list[dict[str, str]]) -> str:
+    name = resource_name(endpoint_name, f"v{version}-{_digest(package_arn, role_arn)}")
+    if _package_of_model(sm_client, name) == package_arn:
+        logger.info("Reusing model %s", name)
+        return name
+    try:
+        sm_client.create_model(ModelName=name, PrimaryContainer={"ModelPackageName": package_arn},
+                               ExecutionRoleArn=role_arn, Tags=tags)
+    except ClientError:
+        if _package_of_model(sm_client, name) == package_arn:  # created concurrently by another invocation
+            return name
+        raise
+    logger.info("Created model %s from %s", name, package_arn)
+    return name
+
+
+def _ensure_endpoint_config(sm_client: Any, endpoint_name: str, model_name: str, version: Any, instance_type: str,
+                            count: int, data_capture_s3_uri: str | None, tags: list[dict[str, str]]) -> str:
+    variant = {"VariantName": VARIANT_NAME, "ModelName": model_name, "InstanceType": instance_type,
+               "InitialInstanceCount": count, "InitialVariantWeight": 1.0}
+    request: dict[str, Any] = {"ProductionVariants": [variant], "Tags": tags}
+    if data_capture_s3_uri:
+        request["DataCaptureConfig"] = {
+            "EnableCapture": True,
+            "InitialSamplingPercentage": 100,
+            "DestinationS3Uri": data_capture_s3_uri,
+            "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
+            "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"]},
+        }
+    name = resource_name(endpoint_name, f"v{version}-{_digest(model_name, instance_type, count, data_capture_s3_uri)}")
+    try:
+        sm_client.describe_endpoint_config(EndpointConfigName=name)
+        logger.info("Reusing endpoint config %s", name)
+        return name
+    except ClientError as error:
+        if not _is_not_found(error):
+            raise
+    try:
+        sm_client.create_endpoint_config(EndpointConfigName=name, **request)
+    except ClientError:
+        try:  # created concurrently by another invocation
+            sm_client.describe_endpoint_config(EndpointConfigName=name)
+            return name
+        except ClientError:
+            pass
+        raise
+    logger.info("Created endpoint config %s (%d x %s, data capture %s)", name, count, instance_type,
+                data_capture_s3_uri or "off")
+    return name
+
+
+_CLIENT: Any = None
+
+
+def _sagemaker_client() -> Any:
+    global _CLIENT
+    if _CLIENT is None:
+        import boto3  # imported here so the module imports (and the local engine runs) without AWS configuration
+
+        _CLIENT = boto3.client("sagemaker")
+    return _CLIENT
