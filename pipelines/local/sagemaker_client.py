@@ -1,0 +1,551 @@
+"""``LocalSageMakerClient``: the part of boto3's SageMaker client the deploy code uses, backed by the local engine.
+
+Same call style (keyword arguments only), same request validation (botocore's ``ParamValidator`` on the service
+model's input shapes, raising ``botocore.exceptions.ParamValidationError``), response dicts shaped like SageMaker's
+(including ``ResponseMetadata``) and failures as ``botocore.exceptions.ClientError`` with SageMaker's error codes and
+messages (``ValidationException`` ``Could not find endpoint "<arn>".``, ``Cannot create already existing model
+"<arn>".``...). Model packages live in :mod:`pipelines.local.registry`; models, endpoint configs, endpoints and tags
+in SQLite tables owned here (``sm_models``, ``sm_endpoint_configs``, ``sm_endpoints``, ``sm_tags``).
+
+``create_endpoint``/``update_endpoint`` really deploy, through :mod:`pipelines.local.endpoints`: the call returns
+once the local server is up (or has failed), so ``describe_endpoint`` afterwards shows ``InService``, or ``Failed``
+with a ``FailureReason``. A failed update leaves the endpoint ``InService`` on its previous configuration with the
+``FailureReason`` set, as SageMaker's rollback does.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Any
+
+from botocore.exceptions import ClientError
+from botocore.utils import parse_timestamp
+
+from pipelines.local import endpoints, registry
+from pipelines.local.registry import ARN_PREFIX, to_datetime, validate_request
+from pipelines.local.store import connect
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS sm_models (
+        name TEXT PRIMARY KEY, arn TEXT NOT NULL, request TEXT NOT NULL, creation_time REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS sm_endpoint_configs (
+        name TEXT PRIMARY KEY, arn TEXT NOT NULL, request TEXT NOT NULL, creation_time REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS sm_endpoints (
+        name TEXT PRIMARY KEY, arn TEXT NOT NULL, config_name TEXT NOT NULL, status TEXT NOT NULL,
+        failure_reason TEXT, creation_time REAL NOT NULL, last_modified_time REAL NOT NULL,
+        deployed_at REAL)""",
+    """CREATE TABLE IF NOT EXISTS sm_tags (
+        resource_arn TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (resource_arn, key))""",
+)
+
+IN_PROGRESS = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting")
+DEFAULT_PAGE_SIZE = {"ListModelPackages": 100, "ListModelPackageGroups": 100, "ListEndpoints": 10, "ListTags": 50}
+
+
+def model_arn(name: str) -> str:
+    return f"{ARN_PREFIX}:model/{name.lower()}"
+
+
+def endpoint_config_arn(name: str) -> str:
+    return f"{ARN_PREFIX}:endpoint-config/{name.lower()}"
+
+
+def endpoint_arn(name: str) -> str:
+    return f"{ARN_PREFIX}:endpoint/{name.lower()}"
+
+
+def _client_error(operation: str, message: str, code: str = "ValidationException", status: int = 400) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": message},
+                        "ResponseMetadata": {"RequestId": str(uuid.uuid4()), "HTTPStatusCode": status}}, operation)
+
+
+def _response(body: dict[str, Any]) -> dict[str, Any]:
+    body["ResponseMetadata"] = {"RequestId": str(uuid.uuid4()), "HTTPStatusCode": 200,
+                                "HTTPHeaders": {"content-type": "application/x-amz-json-1.1"}, "RetryAttempts": 0}
+    return body
+
+
+def _epoch(value: Any) -> float:
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, int | float):
+        return float(value)
+    return parse_timestamp(value).timestamp()
+
+
+def _paginate(operation: str, items: list[Any], params: dict[str, Any], key: str) -> dict[str, Any]:
+    """One page of ``items`` (``MaxResults``/``NextToken``); tokens are opaque offsets bound to the operation."""
+    offset = 0
+    if params.get("NextToken"):
+        try:
+            decoded = json.loads(base64.urlsafe_b64decode(params["NextToken"].encode()))
+            if decoded["op"] != operation:
+                raise ValueError(decoded["op"])
+            offset = int(decoded["offset"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _client_error(operation, f"Invalid pagination token {params['NextToken']!r}.") from exc
+    size = int(params.get("MaxResults") or DEFAULT_PAGE_SIZE[operation])
+    out: dict[str, Any] = {key: items[offset:offset + size]}
+    if offset + size < len(items):
+        out["NextToken"] = base64.urlsafe_b64encode(
+            json.dumps({"op": operation, "offset": offset + size}).encode()).decode()
+    return out
+
+
+def _sort(items: list[dict[str, Any]], params: dict[str, Any], default_order: str,
+          keys: dict[str, Callable[[dict[str, Any]], Any]]) -> list[dict[str, Any]]:
+    by = params.get("SortBy", "CreationTime")
+    order = params.get("SortOrder", default_order)
+    return sorted(items, key=keys[by], reverse=order == "Descending")
+
+
+class LocalSageMakerClient:
+    """A local stand-in for ``boto3.client("sagemaker")`` (the methods of docs/CONTRACTS.md §8 and a few more)."""
+
+    def __init__(self, *, startup_timeout: float = endpoints.DEFAULT_STARTUP_TIMEOUT_S) -> None:
+        self.startup_timeout = startup_timeout
+
+    # ------------------------------------------------------------------------------------------------ plumbing
+
+    @contextlib.contextmanager
+    def _db(self, write: bool = False) -> Iterator[Any]:
+        conn = connect(SCHEMA)
+        try:
+            if write:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            else:
+                yield conn
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _validate(operation: str, params: dict[str, Any]) -> None:
+        try:
+            validate_request(operation, params)
+        except registry.RegistryValidationError as exc:
+            raise _client_error(operation, str(exc)) from exc
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _registry_errors(operation: str) -> Iterator[None]:
+        try:
+            yield
+        except (registry.RegistryValidationError, registry.ResourceNotFound) as exc:
+            raise _client_error(operation, str(exc)) from exc
+
+    def _store_tags(self, conn: Any, arn: str, tags: list[dict[str, str]] | None) -> None:
+        for tag in tags or []:
+            conn.execute("INSERT INTO sm_tags (resource_arn, key, value) VALUES (?,?,?) ON CONFLICT(resource_arn, key)"
+                         " DO UPDATE SET value = excluded.value", (arn, tag["Key"], tag["Value"]))
+
+    def _get(self, table: str, name: str) -> dict[str, Any] | None:
+        with self._db() as conn:
+            row = conn.execute(f"SELECT * FROM {table} WHERE name = ?", (name,)).fetchone()
+        return dict(row) if row else None
+
+    # --------------------------------------------------------------------------------------- model registry
+
+    def create_model_package_group(self, **params: Any) -> dict[str, Any]:
+        self._validate("CreateModelPackageGroup", params)
+        with self._registry_errors("CreateModelPackageGroup"):
+            out = registry.create_model_package_group(params["ModelPackageGroupName"],
+                                                      params.get("ModelPackageGroupDescription"), params.get("Tags"))
+        with self._db(write=True) as conn:
+            self._store_tags(conn, out["ModelPackageGroupArn"], params.get("Tags"))
+        return _response(out)
+
+    def describe_model_package_group(self, **params: Any) -> dict[str, Any]:
+        self._validate("DescribeModelPackageGroup", params)
+        with self._registry_errors("DescribeModelPackageGroup"):
+            return _response(registry.get_group(params["ModelPackageGroupName"]).describe())
+
+    def list_model_package_groups(self, **params: Any) -> dict[str, Any]:
+        self._validate("ListModelPackageGroups", params)
+        groups = [g.summary() for g in registry.list_groups()]
+        groups = [g for g in groups if self._created_between(g, params)
+                  and params.get("NameContains", "").lower() in g["ModelPackageGroupName"].lower()]
+        groups = _sort(groups, params, "Ascending", {"Name": lambda g: g["ModelPackageGroupName"],
+                                                     "CreationTime": lambda g: g["CreationTime"]})
+        return _response(_paginate("ListModelPackageGroups", groups, params, "ModelPackageGroupSummaryList"))
+
+    @staticmethod
+    def _created_between(item: dict[str, Any], params: dict[str, Any]) -> bool:
+        created = item["CreationTime"].timestamp()
+        if "CreationTimeAfter" in params and created <= _epoch(params["CreationTimeAfter"]):
+            return False
+        return not ("CreationTimeBefore" in params and created >= _epoch(params["CreationTimeBefore"]))
+
+    def create_model_package(self, **params: Any) -> dict[str, Any]:
+        with self._registry_errors("CreateModelPackage"):
+            out = registry.create_model_package(params, create_group=False)
+        with self._db(write=True) as conn:
+            self._store_tags(conn, out["ModelPackageArn"], params.get("Tags"))
+        return _response(out)
+
+    def describe_model_package(self, **params: Any) -> dict[str, Any]:
+        self._validate("DescribeModelPackage", params)
+        name = params["ModelPackageName"]
+        if not name.startswith("arn:"):
+            raise _client_error("DescribeModelPackage", f"ModelPackage {name} does not exist. Versioned model "
+                                "packages are described by their ARN.")
+        with self._registry_errors("DescribeModelPackage"):
+            return _response(registry.get_package(name).describe())
+
+    def list_model_packages(self, **params: Any) -> dict[str, Any]:
+        self._validate("ListModelPackages", params)
+        group = params.get("ModelPackageGroupName")
+        package_type = params.get("ModelPackageType") or ("Versioned" if group else "Unversioned")
+        if package_type == "Unversioned":
+            packages: list[dict[str, Any]] = []  # the local registry only holds versioned packages
+        else:
+            if group and group.startswith("arn:"):
+                group = group.rsplit("/", 1)[-1]
+            with self._registry_errors("ListModelPackages"):
+                packages = [p.summary() for p in registry.list_packages(group, params.get("ModelApprovalStatus"))]
+        name_filter = params.get("NameContains", "").lower()
+        packages = [p for p in packages if self._created_between(p, params)
+                    and name_filter in p["ModelPackageName"].lower()]
+        packages = _sort(packages, params, "Ascending", {
+            "Name": lambda p: (p["ModelPackageName"], p["ModelPackageVersion"]),
+            "CreationTime": lambda p: (p["CreationTime"], p["ModelPackageVersion"]),
+        })
+        return _response(_paginate("ListModelPackages", packages, params, "ModelPackageSummaryList"))
+
+    def update_model_package(self, **params: Any) -> dict[str, Any]:
+        with self._registry_errors("UpdateModelPackage"):
+            return _response(registry.update_model_package(params))
+
+    # ------------------------------------------------------------------------------------------------- models
+
+    def create_model(self, **params: Any) -> dict[str, Any]:
+        self._validate("CreateModel", params)
+        name = params["ModelName"]
+        containers = ([params["PrimaryContainer"]] if params.get("PrimaryContainer") else []) + list(
+            params.get("Containers") or [])
+        if not containers:
+            raise _client_error("CreateModel", "Either PrimaryContainer or Containers must be specified.")
+        if params.get("PrimaryContainer") and params.get("Containers"):
+            raise _client_error("CreateModel", "PrimaryContainer and Containers are mutually exclusive.")
+        for container in containers:
+            if container.get("ModelPackageName"):
+                self._package_container(container["ModelPackageName"], "CreateModel")
+            elif not container.get("Image"):
+                raise _client_error("CreateModel", "A container needs an Image or a ModelPackageName.")
+        arn = model_arn(name)
+        with self._db(write=True) as conn:
+            if conn.execute("SELECT 1 FROM sm_models WHERE name = ?", (name,)).fetchone():
+                raise _client_error("CreateModel", f'Cannot create already existing model "{arn}".')
+            conn.execute("INSERT INTO sm_models (name, arn, request, creation_time) VALUES (?,?,?,?)",
+                         (name, arn, json.dumps(params), time.time()))
+            self._store_tags(conn, arn, params.get("Tags"))
+        logger.info("created model %s", name)
+        return _response({"ModelArn": arn})
+
+    def _package_container(self, ref: str, operation: str) -> dict[str, Any]:
+        try:
+            package = registry.get_package(ref)
+        except registry.ResourceNotFound as exc:
+            raise _client_error(operation, f"ModelPackage {ref} does not exist.") from exc
+        if package.container is None:
+            raise _client_error(operation, f"ModelPackage {ref} has no InferenceSpecification containers.")
+        return package.container
+
+    def describe_model(self, **params: Any) -> dict[str, Any]:
+        self._validate("DescribeModel", params)
+        row = self._get("sm_models", params["ModelName"])
+        if row is None:
+            raise _client_error("DescribeModel", f'Could not find model "{model_arn(params["ModelName"])}".')
+        request = json.loads(row["request"])
+        out: dict[str, Any] = {"ModelName": row["name"]}
+        for key in ("PrimaryContainer", "Containers", "InferenceExecutionConfig", "ExecutionRoleArn", "VpcConfig"):
+            if key in request:
+                out[key] = request[key]
+        out.update(CreationTime=to_datetime(row["creation_time"]), ModelArn=row["arn"],
+                   EnableNetworkIsolation=bool(request.get("EnableNetworkIsolation", False)))
+        return _response(out)
+
+    def delete_model(self, **params: Any) -> dict[str, Any]:
+        self._validate("DeleteModel", params)
+        name = params["ModelName"]
+        with self._db(write=True) as conn:
+            if conn.execute("DELETE FROM sm_models WHERE name = ?", (name,)).rowcount == 0:
+                raise _client_error("DeleteModel", f'Could not find model "{model_arn(name)}".')
+            conn.execute("DELETE FROM sm_tags WHERE resource_arn = ?", (model_arn(name),))
+        return _response({})
+
+    # --------------------------------------------------------------------------------------- endpoint configs
+
+    def create_endpoint_config(self, **params: Any) -> dict[str, Any]:
+        self._validate("CreateEndpointConfig", params)
+        name = params["EndpointConfigName"]
+        arn = endpoint_config_arn(name)
+        variants = params["ProductionVariants"]
+        if not variants:
+            raise _client_error("CreateEndpointConfig", "ProductionVariants must hold at least one variant.")
+        for variant in variants:
+            model = variant.get("ModelName")
+            if not model or self._get("sm_models", model) is None:
+                raise _client_error("CreateEndpointConfig", f'Could not find model "{model_arn(model or "")}".')
+        with self._db(write=True) as conn:
+            if conn.execute("SELECT 1 FROM sm_endpoint_configs WHERE name = ?", (name,)).fetchone():
+                raise _client_error("CreateEndpointConfig",
+                                    f'Cannot create already existing endpoint configuration "{arn}".')
+            conn.execute("INSERT INTO sm_endpoint_configs (name, arn, request, creation_time) VALUES (?,?,?,?)",
+                         (name, arn, json.dumps(params), time.time()))
+            self._store_tags(conn, arn, params.get("Tags"))
+        logger.info("created endpoint config %s", name)
+        return _response({"EndpointConfigArn": arn})
+
+    def _config(self, name: str, operation: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        row = self._get("sm_endpoint_configs", name)
+        if row is None:
+            raise _client_error(operation, f'Could not find endpoint configuration "{endpoint_config_arn(name)}".')
+        return row, json.loads(row["request"])
+
+    def describe_endpoint_config(self, **params: Any) -> dict[str, Any]:
+        self._validate("DescribeEndpointConfig", params)
+        row, request = self._config(params["EndpointConfigName"], "DescribeEndpointConfig")
+        out: dict[str, Any] = {"EndpointConfigName": row["name"], "EndpointConfigArn": row["arn"],
+                               "ProductionVariants": request["ProductionVariants"]}
+        for key in ("DataCaptureConfig", "KmsKeyId", "AsyncInferenceConfig", "ExplainerConfig",
+                    "ShadowProductionVariants", "ExecutionRoleArn", "VpcConfig", "EnableNetworkIsolation"):
+            if key in request:
+                out[key] = request[key]
+        out["CreationTime"] = to_datetime(row["creation_time"])
+        return _response(out)
+
+    def delete_endpoint_config(self, **params: Any) -> dict[str, Any]:
+        self._validate("DeleteEndpointConfig", params)
+        name = params["EndpointConfigName"]
+        with self._db(write=True) as conn:
+            if conn.execute("DELETE FROM sm_endpoint_configs WHERE name = ?", (name,)).rowcount == 0:
+                raise _client_error("DeleteEndpointConfig",
+                                    f'Could not find endpoint configuration "{endpoint_config_arn(name)}".')
+            conn.execute("DELETE FROM sm_tags WHERE resource_arn = ?", (endpoint_config_arn(name),))
+        return _response({})
+
+    # ---------------------------------------------------------------------------------------------- endpoints
+
+    def create_endpoint(self, **params: Any) -> dict[str, Any]:
+        self._validate("CreateEndpoint", params)
+        name, config_name = params["EndpointName"], params["EndpointConfigName"]
+        arn = endpoint_arn(name)
+        self._config(config_name, "CreateEndpoint")
+        now = time.time()
+        with self._db(write=True) as conn:
+            if conn.execute("SELECT 1 FROM sm_endpoints WHERE name = ?", (name,)).fetchone():
+                raise _client_error("CreateEndpoint", f'Cannot create already existing endpoint "{arn}".')
+            conn.execute("INSERT INTO sm_endpoints (name, arn, config_name, status, creation_time, last_modified_time)"
+                         " VALUES (?,?,?,?,?,?)", (name, arn, config_name, "Creating", now, now))
+            self._store_tags(conn, arn, params.get("Tags"))
+        self._deploy(name, config_name, creating=True)
+        return _response({"EndpointArn": arn})
+
+    def update_endpoint(self, **params: Any) -> dict[str, Any]:
+        self._validate("UpdateEndpoint", params)
+        name, config_name = params["EndpointName"], params["EndpointConfigName"]
+        arn = endpoint_arn(name)
+        self._config(config_name, "UpdateEndpoint")
+        with self._db(write=True) as conn:
+            row = conn.execute("SELECT status FROM sm_endpoints WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise _client_error("UpdateEndpoint", f'Could not find endpoint "{arn}".')
+            if row["status"] in IN_PROGRESS:
+                raise _client_error("UpdateEndpoint", f'Cannot update in-progress endpoint "{arn}".')
+            conn.execute("UPDATE sm_endpoints SET status = 'Updating', last_modified_time = ? WHERE name = ?",
+                         (time.time(), name))
+        self._deploy(name, config_name, creating=False)
+        return _response({"EndpointArn": arn})
+
+    def _resolve_container(self, config_name: str) -> dict[str, Any]:
+        """The container an endpoint config serves: its heaviest variant's model, package references resolved."""
+        _, config = self._config(config_name, "CreateEndpoint")
+        variants = config["ProductionVariants"]
+        variant = max(variants, key=lambda v: float(v.get("InitialVariantWeight", 1.0)))
+        if len(variants) > 1:
+            logger.warning("endpoint config %s has %d variants; the local endpoint serves only %s", config_name,
+                           len(variants), variant["VariantName"])
+        if int(variant.get("InitialInstanceCount") or 1) > 1:
+            logger.info("endpoint config %s asks for %s instances; the local endpoint runs one server",
+                        config_name, variant.get("InitialInstanceCount"))
+        row = self._get("sm_models", variant["ModelName"])
+        if row is None:
+            raise endpoints.EndpointError(f'Could not find model "{model_arn(variant["ModelName"])}".')
+        model = json.loads(row["request"])
+        container = dict(model.get("PrimaryContainer") or (model.get("Containers") or [{}])[0])
+        if container.get("ModelPackageName"):
+            package = dict(self._package_container(container["ModelPackageName"], "CreateEndpoint"))
+            environment = dict(package.get("Environment") or {})
+            environment.update(container.get("Environment") or {})
+            package["Environment"] = environment
+            container = package
+        return container
+
+    def _deploy(self, name: str, config_name: str, *, creating: bool) -> None:
+        try:
+            container = self._resolve_container(config_name)
+            deployment = endpoints.materialize(name, container)
+            endpoints.deploy(name, deployment.model_dir, deployment.code_dir, deployment.program,
+                             environment=deployment.environment, startup_timeout=self.startup_timeout)
+        except Exception as exc:  # the endpoint's status carries the failure, as on SageMaker
+            reason = str(exc)[-1024:] or type(exc).__name__
+            logger.error("endpoint %s: deploying %s failed: %s", name, config_name, reason)
+            with self._db(write=True) as conn:
+                if creating:
+                    conn.execute("UPDATE sm_endpoints SET status = 'Failed', failure_reason = ?, last_modified_time = ?"
+                                 " WHERE name = ?", (reason, time.time(), name))
+                else:  # SageMaker rolls a failed update back: the old configuration keeps serving
+                    conn.execute("UPDATE sm_endpoints SET status = 'InService', failure_reason = ?,"
+                                 " last_modified_time = ? WHERE name = ?", (reason, time.time(), name))
+            return
+        now = time.time()
+        with self._db(write=True) as conn:
+            conn.execute("UPDATE sm_endpoints SET status = 'InService', config_name = ?, failure_reason = NULL,"
+                         " last_modified_time = ?, deployed_at = ? WHERE name = ?", (config_name, now, now, name))
+        logger.info("endpoint %s is InService with %s", name, config_name)
+
+    def describe_endpoint(self, **params: Any) -> dict[str, Any]:
+        self._validate("DescribeEndpoint", params)
+        name = params["EndpointName"]
+        row = self._get("sm_endpoints", name)
+        if row is None:
+            raise _client_error("DescribeEndpoint", f'Could not find endpoint "{endpoint_arn(name)}".')
+        out: dict[str, Any] = {"EndpointName": row["name"], "EndpointArn": row["arn"],
+                               "EndpointConfigName": row["config_name"]}
+        config_row = self._get("sm_endpoint_configs", row["config_name"])
+        config = json.loads(config_row["request"]) if config_row else {}
+        if row["status"] in ("InService", "Updating") and config:
+            deployed = to_datetime(row["deployed_at"] or row["last_modified_time"])
+            variants = []
+            for variant in config["ProductionVariants"]:
+                image = self._image_of(variant.get("ModelName"))
+                summary: dict[str, Any] = {"VariantName": variant["VariantName"]}
+                if image:
+                    summary["DeployedImages"] = [{"SpecifiedImage": image, "ResolvedImage": image,
+                                                  "ResolutionTime": deployed}]
+                weight = float(variant.get("InitialVariantWeight", 1.0))
+                count = int(variant.get("InitialInstanceCount") or 1)
+                summary.update(CurrentWeight=weight, DesiredWeight=weight, CurrentInstanceCount=count,
+                               DesiredInstanceCount=count)
+                variants.append(summary)
+            out["ProductionVariants"] = variants
+        capture = config.get("DataCaptureConfig")
+        if capture:
+            out["DataCaptureConfig"] = {
+                "EnableCapture": bool(capture.get("EnableCapture", True)),
+                "CaptureStatus": "Started" if capture.get("EnableCapture", True) else "Stopped",
+                "CurrentSamplingPercentage": int(capture["InitialSamplingPercentage"]),
+                "DestinationS3Uri": capture["DestinationS3Uri"],
+                "KmsKeyId": capture.get("KmsKeyId", ""),
+            }
+        out["EndpointStatus"] = row["status"]
+        if row["failure_reason"]:
+            out["FailureReason"] = row["failure_reason"]
+        out["CreationTime"] = to_datetime(row["creation_time"])
+        out["LastModifiedTime"] = to_datetime(row["last_modified_time"])
+        return _response(out)
+
+    def _image_of(self, model_name: str | None) -> str | None:
+        row = self._get("sm_models", model_name or "")
+        if row is None:
+            return None
+        request = json.loads(row["request"])
+        container = request.get("PrimaryContainer") or (request.get("Containers") or [{}])[0]
+        if container.get("Image"):
+            return container["Image"]
+        if container.get("ModelPackageName"):
+            with contextlib.suppress(registry.ResourceNotFound):
+                return (registry.get_package(container["ModelPackageName"]).container or {}).get("Image")
+        return None
+
+    def list_endpoints(self, **params: Any) -> dict[str, Any]:
+        self._validate("ListEndpoints", params)
+        with self._db() as conn:
+            rows = [dict(r) for r in conn.execute("SELECT * FROM sm_endpoints").fetchall()]
+        items = [{"EndpointName": r["name"], "EndpointArn": r["arn"], "CreationTime": to_datetime(r["creation_time"]),
+                  "LastModifiedTime": to_datetime(r["last_modified_time"]), "EndpointStatus": r["status"]}
+                 for r in rows]
+        name_filter = params.get("NameContains", "").lower()
+        items = [i for i in items if name_filter in i["EndpointName"].lower() and self._created_between(i, params)
+                 and (not params.get("StatusEquals") or i["EndpointStatus"] == params["StatusEquals"])
+                 and ("LastModifiedTimeAfter" not in params
+                      or i["LastModifiedTime"].timestamp() > _epoch(params["LastModifiedTimeAfter"]))
+                 and ("LastModifiedTimeBefore" not in params
+                      or i["LastModifiedTime"].timestamp() < _epoch(params["LastModifiedTimeBefore"]))]
+        items = _sort(items, params, "Descending", {"Name": lambda i: i["EndpointName"],
+                                                    "CreationTime": lambda i: i["CreationTime"],
+                                                    "Status": lambda i: i["EndpointStatus"]})
+        return _response(_paginate("ListEndpoints", items, params, "Endpoints"))
+
+    def delete_endpoint(self, **params: Any) -> dict[str, Any]:
+        self._validate("DeleteEndpoint", params)
+        name = params["EndpointName"]
+        arn = endpoint_arn(name)
+        with self._db(write=True) as conn:
+            row = conn.execute("SELECT status FROM sm_endpoints WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise _client_error("DeleteEndpoint", f'Could not find endpoint "{arn}".')
+            conn.execute("UPDATE sm_endpoints SET status = 'Deleting', last_modified_time = ? WHERE name = ?",
+                         (time.time(), name))
+        endpoints.delete(name)
+        with self._db(write=True) as conn:
+            conn.execute("DELETE FROM sm_endpoints WHERE name = ?", (name,))
+            conn.execute("DELETE FROM sm_tags WHERE resource_arn = ?", (arn,))
+        logger.info("deleted endpoint %s", name)
+        return _response({})
+
+    def redeploy_endpoint(self, endpoint_name: str) -> dict[str, Any]:
+        """Local-only: deploy an endpoint's current configuration again (restarts a server that died)."""
+        row = self._get("sm_endpoints", endpoint_name)
+        if row is None:
+            raise _client_error("DescribeEndpoint", f'Could not find endpoint "{endpoint_arn(endpoint_name)}".')
+        self._deploy(endpoint_name, row["config_name"], creating=row["status"] == "Failed")
+        return self.describe_endpoint(EndpointName=endpoint_name)
+
+    # --------------------------------------------------------------------------------------------------- tags
+
+    def _resource_exists(self, arn: str) -> bool:
+        kind, _, rest = arn.partition(f"{ARN_PREFIX}:")[2].partition("/")
+        tables = {"model": "sm_models", "endpoint-config": "sm_endpoint_configs", "endpoint": "sm_endpoints"}
+        with self._db() as conn:
+            if kind in tables:
+                return conn.execute(f"SELECT 1 FROM {tables[kind]} WHERE arn = ?", (arn,)).fetchone() is not None
+        if kind == "model-package":
+            with contextlib.suppress(registry.ResourceNotFound):
+                return bool(registry.get_package(arn))
+        if kind == "model-package-group":
+            return any(g.arn == arn for g in registry.list_groups())
+        return False
+
+    def add_tags(self, **params: Any) -> dict[str, Any]:
+        self._validate("AddTags", params)
+        arn = params["ResourceArn"]
+        if not self._resource_exists(arn):
+            raise _client_error("AddTags", f"Resource {arn} does not exist.")
+        with self._db(write=True) as conn:
+            self._store_tags(conn, arn, params["Tags"])
+        return _response({"Tags": params["Tags"]})
+
+    def list_tags(self, **params: Any) -> dict[str, Any]:
+        self._validate("ListTags", params)
+        arn = params["ResourceArn"]
+        if not self._resource_exists(arn):
+            raise _client_error("ListTags", f"Resource {arn} does not exist.")
+        with self._db() as conn:
+            rows = conn.execute("SELECT key, value FROM sm_tags WHERE resource_arn = ? ORDER BY key", (arn,)).fetchall()
+        return _response(_paginate("ListTags", [{"Key": r["key"], "Value": r["value"]} for r in rows], params, "Tags"))
