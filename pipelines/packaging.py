@@ -1,0 +1,166 @@
+"""Deterministic, content-addressed code bundles for the pipeline's jobs (docs/CONTRACTS.md §2).
+
+The CLI builds the bundles from the project sources and uploads them itself *before* the pipeline definition
+is built, so the SageMaker SDK never uploads anything and the definition only holds ``s3://`` URIs:
+
+- ``s3://{bucket}/{prefix}/code/{sha}/sourcedir.tar.gz`` -- ``training/``, ``steps/``, ``inference/`` with their
+  paths kept, plus ``training/requirements.txt`` copied to the root as ``requirements.txt`` (the SageMaker
+  training toolkit pip-installs it). The estimators' ``sagemaker_submit_directory``.
+- ``s3://{bucket}/{prefix}/code/{sha}/src/...`` -- the same files unpacked; processing jobs mount the prefix at
+  ``/opt/ml/processing/input/code``.
+- ``s3://{bucket}/{prefix}/code/{sha}/serving.tar.gz`` -- ``inference.py`` at the root plus
+  ``training/{__init__,model,archives}.py``: the serving container's ``SAGEMAKER_SUBMIT_DIRECTORY``.
+
+Tarballs are byte-for-byte reproducible (sorted members, mtime 0, uid/gid 0, fixed modes, gzip header without
+name or time), and ``sha`` is a sha256 over every bundled path and its content, so the same sources always give
+the same keys and the same pipeline definition.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import logging
+import tarfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+#: Top-level packages shipped to the processing and training jobs.
+SOURCE_PACKAGES = ("training", "steps", "inference")
+#: Files of the serving bundle besides ``inference.py`` (which goes to its root).
+SERVING_EXTRA_FILES = ("training/__init__.py", "training/model.py", "training/archives.py")
+SERVING_HANDLER = "inference/inference.py"
+REQUIREMENTS = "training/requirements.txt"
+#: Bump when the layout of the bundles changes, so the content address changes with it.
+BUNDLE_LAYOUT_VERSION = "1"
+
+_SKIP_DIRS = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
+_SKIP_SUFFIXES = {".pyc", ".pyo", ".tmp", ".swp"}
+
+
+@dataclass(frozen=True)
+class CodeBundles:
+    """The project code as the jobs receive it. ``files`` maps relative POSIX paths to content."""
+
+    sha: str
+    files: Mapping[str, bytes] = field(repr=False)
+    sourcedir: bytes = field(repr=False)
+    serving: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class CodeLocations:
+    """Where the bundles live in S3 (or in the local engine's ``s3://`` store)."""
+
+    sha: str
+    root: str  # s3://bucket/prefix/code/{sha}
+    sourcedir: str  # .../sourcedir.tar.gz   (training: sagemaker_submit_directory)
+    src_prefix: str  # .../src/              (processing: ProcessingInput at /opt/ml/processing/input/code)
+    serving: str  # .../serving.tar.gz       (Model: SAGEMAKER_SUBMIT_DIRECTORY)
+
+    def src_file(self, relpath: str) -> str:
+        return f"{self.src_prefix}{relpath}"
+
+
+def _included(path: Path, root: Path) -> bool:
+    rel = path.relative_to(root)
+    if any(part in _SKIP_DIRS or part.startswith(".") for part in rel.parts):
+        return False
+    return path.suffix not in _SKIP_SUFFIXES and not path.name.endswith("~")
+
+
+def collect_files(project_root: str | Path) -> dict[str, bytes]:
+    """Every file of :data:`SOURCE_PACKAGES` under ``project_root`` (no caches, no dotfiles), sorted by path."""
+    root = Path(project_root).resolve()
+    files: dict[str, bytes] = {}
+    for package in SOURCE_PACKAGES:
+        base = root / package
+        if not base.is_dir():
+            raise FileNotFoundError(f"package directory {base} is missing: cannot build the code bundles")
+        for path in sorted(base.rglob("*")):
+            if path.is_file() and _included(path, root):
+                files[path.relative_to(root).as_posix()] = path.read_bytes()
+    for required in (SERVING_HANDLER, *SERVING_EXTRA_FILES):
+        if required not in files:
+            raise FileNotFoundError(f"{root / required} is missing: the serving bundle needs it")
+    return dict(sorted(files.items()))
+
+
+def deterministic_tar_gz(members: Mapping[str, bytes]) -> bytes:
+    """A gzip'd tarball of ``members`` (path -> bytes) that depends on nothing but the members."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name in sorted(members):
+            data = members[name]
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    out = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=9) as gz:
+        gz.write(raw.getvalue())
+    return out.getvalue()
+
+
+def content_sha(files: Mapping[str, bytes]) -> str:
+    """sha256 over the layout version and every (path, content sha256) pair, in path order."""
+    digest = hashlib.sha256(f"imgclf-code-bundle-v{BUNDLE_LAYOUT_VERSION}\n".encode())
+    for name in sorted(files):
+        digest.update(f"{name}\0{hashlib.sha256(files[name]).hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
+def build_code_bundles(project_root: str | Path) -> CodeBundles:
+    """Build the three bundles of CONTRACTS §2 from the sources under ``project_root``."""
+    files = collect_files(project_root)
+    sourcedir_members = dict(files)
+    if REQUIREMENTS in files:
+        sourcedir_members["requirements.txt"] = files[REQUIREMENTS]
+    else:
+        logger.warning("%s not found: training containers will not install extra requirements", REQUIREMENTS)
+    serving_members = {"inference.py": files[SERVING_HANDLER]}
+    serving_members.update({name: files[name] for name in SERVING_EXTRA_FILES})
+    bundles = CodeBundles(
+        sha=content_sha(files),
+        files=files,
+        sourcedir=deterministic_tar_gz(sourcedir_members),
+        serving=deterministic_tar_gz(serving_members),
+    )
+    logger.info("code bundles %s: %d files, sourcedir %d B, serving %d B",
+                bundles.sha[:12], len(files), len(bundles.sourcedir), len(bundles.serving))
+    return bundles
+
+
+def code_locations(bucket: str, prefix: str, bundles: CodeBundles | str) -> CodeLocations:
+    """The S3 URIs of the bundles under ``s3://{bucket}/{prefix}/code/{sha}/`` (``bundles`` or its sha)."""
+    if not bucket or "/" in bucket or bucket.startswith("s3:"):
+        raise ValueError(f"expected a bare S3 bucket name, got {bucket!r}")
+    sha = bundles if isinstance(bundles, str) else bundles.sha
+    key_prefix = "/".join(part for part in (prefix.strip("/"), "code", sha) if part)
+    root = f"s3://{bucket}/{key_prefix}"
+    return CodeLocations(sha=sha, root=root, sourcedir=f"{root}/sourcedir.tar.gz", src_prefix=f"{root}/src/",
+                         serving=f"{root}/serving.tar.gz")
+
+
+def upload_code_bundles(bundles: CodeBundles, locations: CodeLocations,
+                        put: Callable[[str, bytes], None]) -> CodeLocations:
+    """Write every bundle through ``put(s3_uri, data)``; ``serving.tar.gz`` goes last (it marks completeness)."""
+    if bundles.sha != locations.sha:
+        raise ValueError(f"locations are for code {locations.sha[:12]}, bundles are {bundles.sha[:12]}")
+    for name, data in bundles.files.items():
+        put(locations.src_file(name), data)
+    put(locations.sourcedir, bundles.sourcedir)
+    put(locations.serving, bundles.serving)
+    return locations
+
+
+def project_root() -> Path:
+    """The checkout this module belongs to (the directory holding ``training/``, ``steps/``, ``inference/``)."""
+    return Path(__file__).resolve().parents[1]

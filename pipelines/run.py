@@ -1,0 +1,500 @@
+"""The pipeline's command line: ``python -m pipelines.run [--target local|sagemaker] COMMAND``.
+
+Commands (both targets): ``definition``, ``upsert``, ``start [--param Name=Value ...] [--wait]``,
+``status``/``describe EXECUTION``, ``list-executions``, ``retry EXECUTION``, ``stop EXECUTION``; the local engine
+adds its own (``models``, ``endpoints``, ``report``...). The target defaults to ``local`` (env ``MLOPS_TARGET``).
+
+Configuration: flags override the environment CodeBuild provides (``SAGEMAKER_PIPELINE_ROLE_ARN``,
+``ARTIFACT_BUCKET``, ``SAGEMAKER_PROJECT_NAME``, ``SAGEMAKER_PROJECT_ID``, ``SAGEMAKER_PROJECT_ARN``,
+``AWS_REGION``); ``--param`` overrides a pipeline Parameter's default for one execution.
+
+On SageMaker the CLI uploads the content-addressed code bundles itself (``pipelines.packaging``), builds the
+definition with no AWS call, and talks to SageMaker through boto3 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
+# The SDK gives "sagemaker.config" a stdout handler unless it has one: keep stdout for our JSON output.
+logging.getLogger("sagemaker.config").addHandler(logging.NullHandler())
+
+logger = logging.getLogger("pipelines.run")
+
+TARGETS = ("local", "sagemaker")
+TERMINAL_STATUSES = ("Succeeded", "Failed", "Stopped")
+APPROVAL_STATUSES = ("Approved", "Rejected", "PendingManualApproval")
+COMMANDS = ("definition", "upsert", "start", "status", "describe", "list-executions", "retry", "stop")
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2, no traceback."""
+
+
+# --- parameters --------------------------------------------------------------------------------------------------
+
+def parameter_types() -> dict[str, tuple[str, Any]]:
+    """``{name: (type, default)}`` of the pipeline's Parameters (built offline, no code bundles needed)."""
+    from pipelines.pipeline import pipeline_parameters
+
+    return {name: (param.parameter_type.python_type.__name__, param.default_value)
+            for name, param in pipeline_parameters("bucket").items()}
+
+
+_TYPE_NAMES = {"str": "String", "int": "Integer", "float": "Float", "bool": "Boolean"}
+
+
+def parse_parameters(pairs: Sequence[str], types: dict[str, tuple[str, Any]] | None = None) -> list[dict[str, str]]:
+    """Validate ``Name=Value`` pairs against the pipeline's Parameters; StartPipelineExecution's shape.
+
+    Raises :class:`UserError` for a malformed pair, an unknown name, or a value of the wrong type.
+    """
+    types = types if types is not None else parameter_types()
+    result: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise UserError(f"--param expects Name=Value, got {pair!r}")
+        if name not in types:
+            raise UserError(f"unknown pipeline parameter {name!r} (known: {', '.join(sorted(types))})")
+        kind = types[name][0]
+        try:
+            if kind == "int":
+                value = str(int(value))
+            elif kind == "float":
+                value = repr(float(value))
+            elif kind == "bool":
+                if value.lower() not in ("true", "false"):
+                    raise ValueError(value)
+                value = value.lower()
+        except ValueError:
+            raise UserError(f"parameter {name} expects {_TYPE_NAMES.get(kind, kind)}, got {value!r}") from None
+        if name == "ModelApprovalStatus" and value not in APPROVAL_STATUSES:
+            raise UserError(f"parameter ModelApprovalStatus must be one of {', '.join(APPROVAL_STATUSES)}, "
+                            f"got {value!r}")
+        result[name] = value
+    return [{"Name": name, "Value": value} for name, value in result.items()]
+
+
+# --- configuration -----------------------------------------------------------------------------------------------
+
+@dataclass
+class Settings:
+    """Everything ``get_pipeline`` needs, resolved from flags and environment."""
+
+    region: str | None
+    role_arn: str | None
+    bucket: str | None
+    pipeline_name: str
+    model_package_group_name: str
+    base_job_prefix: str
+    project_name: str | None
+    project_id: str | None
+    project_arn: str | None
+    deploy_function_arn: str | None
+    tuning_strategy: str
+    use_spot_instances: bool
+    cache: bool
+    stop_training_on_rule_issue: bool
+
+    def tags(self) -> list[dict[str, str]]:
+        tags = [{"Key": "sagemaker:project-name", "Value": self.project_name}] if self.project_name else []
+        if self.project_id:
+            tags.append({"Key": "sagemaker:project-id", "Value": self.project_id})
+        return tags
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        return {
+            "model_package_group_name": self.model_package_group_name, "pipeline_name": self.pipeline_name,
+            "base_job_prefix": self.base_job_prefix, "sagemaker_project_arn": self.project_arn,
+            "deploy_function_arn": self.deploy_function_arn, "tuning_strategy": self.tuning_strategy,
+            "use_spot_instances": self.use_spot_instances, "cache": self.cache,
+            "stop_training_on_rule_issue": self.stop_training_on_rule_issue,
+        }
+
+
+def resolve_settings(args: argparse.Namespace, env: dict[str, str] | os._Environ[str] = os.environ) -> Settings:
+    from pipelines.pipeline import DEFAULT_BASE_JOB_PREFIX, DEFAULT_MODEL_PACKAGE_GROUP, DEFAULT_PIPELINE_NAME
+
+    project_name = args.project_name or env.get("SAGEMAKER_PROJECT_NAME") or None
+    project_id = args.project_id or env.get("SAGEMAKER_PROJECT_ID") or None
+    # Like AWS's project template: names derive from "<project-name>-<project-id>" inside a SageMaker project.
+    project_name_id = f"{project_name}-{project_id}" if project_name and project_id else None
+    return Settings(
+        region=args.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+        role_arn=args.role_arn or env.get("SAGEMAKER_PIPELINE_ROLE_ARN") or None,
+        bucket=args.bucket or env.get("ARTIFACT_BUCKET") or None,
+        pipeline_name=args.pipeline_name or project_name_id or DEFAULT_PIPELINE_NAME,
+        model_package_group_name=args.model_package_group or project_name_id or DEFAULT_MODEL_PACKAGE_GROUP,
+        base_job_prefix=args.base_job_prefix or project_name_id or DEFAULT_BASE_JOB_PREFIX,
+        project_name=project_name,
+        project_id=project_id,
+        project_arn=args.project_arn or env.get("SAGEMAKER_PROJECT_ARN") or None,
+        deploy_function_arn=args.deploy_function_arn or env.get("DEPLOY_FUNCTION_ARN") or None,
+        tuning_strategy=args.tuning_strategy,
+        use_spot_instances=args.spot,
+        cache=not args.no_cache,
+        stop_training_on_rule_issue=args.stop_training_on_rule_issue,
+    )
+
+
+# --- definitions ---------------------------------------------------------------------------------------------------
+
+def build_definition_json(settings: Settings, upload: Callable[[str, bytes], None] | None) -> str:
+    """Build the code bundles, upload them through ``upload(s3_uri, data)`` (if given) and return the definition."""
+    from pipelines.packaging import build_code_bundles, code_locations, project_root, upload_code_bundles
+    from pipelines.pipeline import get_pipeline, pipeline_definition
+
+    if not settings.region:
+        raise UserError("no AWS region: set AWS_REGION or pass --region")
+    if not settings.role_arn:
+        raise UserError("no pipeline role: set SAGEMAKER_PIPELINE_ROLE_ARN or pass --role-arn")
+    if not settings.role_arn.startswith("arn:aws") or ":role/" not in settings.role_arn:
+        raise UserError(f"--role-arn must be an IAM role ARN (arn:aws:iam::<account>:role/<name>), "
+                        f"got {settings.role_arn!r}")
+    if not settings.bucket:
+        raise UserError("no artifact bucket: set ARTIFACT_BUCKET or pass --bucket")
+    bundles = build_code_bundles(project_root())
+    locations = code_locations(settings.bucket, settings.base_job_prefix, bundles)
+    if upload is not None:
+        upload_code_bundles(bundles, locations, upload)
+    pipeline = get_pipeline(settings.region, settings.role_arn, settings.bucket, locations,
+                            **settings.pipeline_kwargs())
+    return pipeline_definition(pipeline)
+
+
+def local_settings(args: argparse.Namespace) -> Settings:
+    """Settings of a local definition (CONTRACTS §9): fixed bucket, region, role and deploy function."""
+    from pipelines.local.store import DEPLOY_FUNCTION_ARN, LOCAL_BUCKET, LOCAL_REGION, LOCAL_ROLE_ARN
+
+    settings = resolve_settings(args, env={})
+    settings.region, settings.role_arn, settings.bucket = LOCAL_REGION, LOCAL_ROLE_ARN, LOCAL_BUCKET
+    settings.deploy_function_arn = DEPLOY_FUNCTION_ARN
+    settings.project_arn = None
+    return settings
+
+
+def make_local_definition_builder(args: argparse.Namespace) -> Callable[..., str]:
+    """``build_definition(upload=None) -> str`` for the local engine; uploads into its artifact store by default."""
+    settings = local_settings(args)
+
+    def build_definition(upload: Callable[[str, bytes], None] | None = None) -> str:
+        if upload is None:
+            from pipelines.local.store import ArtifactStore
+
+            upload = ArtifactStore().put_bytes
+        return build_definition_json(settings, upload)
+
+    return build_definition
+
+
+# --- SageMaker target ------------------------------------------------------------------------------------------------
+
+@dataclass
+class AwsClients:
+    """The boto3 clients the SageMaker target uses (tests pass moto-backed or Stubber-wrapped clients)."""
+
+    sagemaker: Any
+    s3: Any
+    sts: Any
+
+    @classmethod
+    def create(cls, region: str | None) -> AwsClients:
+        import boto3
+
+        session = boto3.Session(region_name=region)
+        if not session.region_name:
+            raise UserError("no AWS region: set AWS_REGION or pass --region")
+        return cls(sagemaker=session.client("sagemaker"), s3=session.client("s3"), sts=session.client("sts"))
+
+
+def s3_uploader(s3: Any) -> Callable[[str, bytes], None]:
+    """``put(s3_uri, data)`` with boto3 ``put_object``."""
+
+    def put(uri: str, data: bytes) -> None:
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+
+    return put
+
+
+def upload_bundles_if_missing(s3: Any, settings: Settings) -> None:
+    """Upload the code bundles unless this content address is complete already (serving.tar.gz goes last)."""
+    from botocore.exceptions import ClientError
+
+    from pipelines.packaging import build_code_bundles, code_locations, project_root, upload_code_bundles
+
+    bundles = build_code_bundles(project_root())
+    locations = code_locations(settings.bucket, settings.base_job_prefix, bundles)
+    bucket, _, key = locations.serving.removeprefix("s3://").partition("/")
+    try:
+        s3.head_object(Bucket=bucket, Key=key)
+        logger.info("code %s already uploaded", locations.root)
+        return
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+            raise
+    upload_code_bundles(bundles, locations, s3_uploader(s3))
+    logger.info("uploaded code to %s", locations.root)
+
+
+def _execution_arn(clients: AwsClients, settings: Settings, execution: str) -> str:
+    """An execution ARN from an ARN, an execution id, or ``latest`` (the most recent execution)."""
+    if execution.startswith("arn:"):
+        return execution
+    if execution == "latest":
+        page = clients.sagemaker.list_pipeline_executions(
+            PipelineName=settings.pipeline_name, SortBy="CreationTime", SortOrder="Descending", MaxResults=1)
+        summaries = page.get("PipelineExecutionSummaries", [])
+        if not summaries:
+            raise UserError(f"pipeline {settings.pipeline_name} has no executions")
+        return summaries[0]["PipelineExecutionArn"]
+    token: str | None = None
+    while True:
+        kwargs: dict[str, Any] = {"PipelineName": settings.pipeline_name, "MaxResults": 100}
+        if token:
+            kwargs["NextToken"] = token
+        page = clients.sagemaker.list_pipeline_executions(**kwargs)
+        for summary in page.get("PipelineExecutionSummaries", []):
+            if summary["PipelineExecutionArn"].rsplit("/", 1)[-1] == execution:
+                return summary["PipelineExecutionArn"]
+        token = page.get("NextToken")
+        if not token:
+            raise UserError(f"no execution {execution!r} of pipeline {settings.pipeline_name}")
+
+
+def _list_steps(clients: AwsClients, arn: str) -> list[dict[str, Any]]:
+    steps: list[dict[str, Any]] = []
+    token: str | None = None
+    while True:
+        kwargs: dict[str, Any] = {"PipelineExecutionArn": arn, "SortOrder": "Ascending"}
+        if token:
+            kwargs["NextToken"] = token
+        page = clients.sagemaker.list_pipeline_execution_steps(**kwargs)
+        steps.extend(page.get("PipelineExecutionSteps", []))
+        token = page.get("NextToken")
+        if not token:
+            return steps
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def sagemaker_upsert(clients: AwsClients, settings: Settings) -> dict[str, Any]:
+    from botocore.exceptions import ClientError
+
+    if not settings.bucket:
+        raise UserError("no artifact bucket: set ARTIFACT_BUCKET or pass --bucket")
+    upload_bundles_if_missing(clients.s3, settings)
+    definition = build_definition_json(settings, upload=None)
+    description = "Image classification: prepare, tune, train, evaluate, register, deploy."
+    try:
+        clients.sagemaker.describe_model_package_group(ModelPackageGroupName=settings.model_package_group_name)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("ValidationException", "ResourceNotFound"):
+            raise
+        clients.sagemaker.create_model_package_group(
+            ModelPackageGroupName=settings.model_package_group_name,
+            ModelPackageGroupDescription="Image classifiers registered by the pipeline.",
+            **({"Tags": settings.tags()} if settings.tags() else {}))
+    try:
+        clients.sagemaker.describe_pipeline(PipelineName=settings.pipeline_name)
+        exists = True
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("ResourceNotFound", "ValidationException"):
+            raise
+        exists = False
+    common = {"PipelineName": settings.pipeline_name, "PipelineDefinition": definition,
+              "RoleArn": settings.role_arn, "PipelineDescription": description}
+    if exists:
+        response = clients.sagemaker.update_pipeline(**common)
+    else:
+        response = clients.sagemaker.create_pipeline(
+            **common, ClientRequestToken=str(uuid.uuid4()), **({"Tags": settings.tags()} if settings.tags() else {}))
+    return {"PipelineArn": response["PipelineArn"], "Action": "updated" if exists else "created"}
+
+
+def sagemaker_wait(clients: AwsClients, arn: str, poll_seconds: float, timeout_seconds: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        described = clients.sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)
+        status = described["PipelineExecutionStatus"]
+        if status in TERMINAL_STATUSES:
+            return described
+        if time.monotonic() >= deadline:
+            raise UserError(f"execution {arn} still {status} after {timeout_seconds:.0f} s")
+        logger.info("execution %s: %s", arn.rsplit("/", 1)[-1], status)
+        time.sleep(poll_seconds)
+
+
+def run_sagemaker(args: argparse.Namespace, clients: AwsClients | None = None) -> int:
+    settings = resolve_settings(args)
+    if args.command == "definition":
+        print(build_definition_json(settings, upload=None))
+        return 0
+    clients = clients or AwsClients.create(settings.region)
+    settings.region = settings.region or clients.sagemaker.meta.region_name
+    sm = clients.sagemaker
+    if args.command == "upsert":
+        _print(sagemaker_upsert(clients, settings))
+    elif args.command == "start":
+        request: dict[str, Any] = {"PipelineName": settings.pipeline_name, "ClientRequestToken": str(uuid.uuid4()),
+                                   "PipelineParameters": args.parameters}
+        if args.display_name:
+            request["PipelineExecutionDisplayName"] = args.display_name
+        arn = sm.start_pipeline_execution(**request)["PipelineExecutionArn"]
+        print(arn)
+        if args.wait:
+            described = sagemaker_wait(clients, arn, args.poll_seconds, args.timeout_seconds)
+            _print({"PipelineExecutionArn": arn, "PipelineExecutionStatus": described["PipelineExecutionStatus"],
+                    "FailureReason": described.get("FailureReason")})
+            return 0 if described["PipelineExecutionStatus"] == "Succeeded" else 1
+    elif args.command in ("status", "describe"):
+        arn = _execution_arn(clients, settings, args.execution)
+        described = sm.describe_pipeline_execution(PipelineExecutionArn=arn)
+        described.pop("ResponseMetadata", None)
+        steps = _list_steps(clients, arn)
+        if args.command == "status":
+            _print({"PipelineExecutionArn": arn, "PipelineExecutionStatus": described["PipelineExecutionStatus"],
+                    "Steps": {s["StepName"]: s.get("StepStatus") for s in steps}})
+        else:
+            _print({**described, "Steps": steps})
+    elif args.command == "list-executions":
+        page = sm.list_pipeline_executions(PipelineName=settings.pipeline_name, SortBy="CreationTime",
+                                           SortOrder="Descending", MaxResults=args.max_results)
+        _print(page.get("PipelineExecutionSummaries", []))
+    elif args.command == "retry":
+        arn = _execution_arn(clients, settings, args.execution)
+        _print(sm.retry_pipeline_execution(PipelineExecutionArn=arn, ClientRequestToken=str(uuid.uuid4())))
+    elif args.command == "stop":
+        arn = _execution_arn(clients, settings, args.execution)
+        _print(sm.stop_pipeline_execution(PipelineExecutionArn=arn, ClientRequestToken=str(uuid.uuid4())))
+    else:
+        raise UserError(f"command {args.command!r} is only available with --target local")
+    return 0
+
+
+def _print(value: Any) -> None:
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k != "ResponseMetadata"}
+    print(json.dumps(_jsonable(value), indent=2))
+
+
+# --- local target ----------------------------------------------------------------------------------------------------
+
+def run_local(args: argparse.Namespace) -> int:
+    try:
+        from pipelines.local import cli as local_cli
+    except ImportError as exc:
+        raise UserError(f"the local engine is not available ({exc}); use --target sagemaker") from None
+    return int(local_cli.dispatch(args, make_local_definition_builder(args)) or 0)
+
+
+# --- parser ----------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipelines.pipeline import TUNING_STRATEGIES
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.run", description="Build, upsert, start and inspect the image-classification "
+        "pipeline on SageMaker or on the embedded local engine.", allow_abbrev=False)
+    parser.add_argument("--target", choices=TARGETS, default=os.environ.get("MLOPS_TARGET") or "local",
+                        help="where the pipeline runs (env MLOPS_TARGET; default local)")
+    parser.add_argument("--region", help="AWS region (env AWS_REGION)")
+    parser.add_argument("--role-arn", help="pipeline execution role (env SAGEMAKER_PIPELINE_ROLE_ARN)")
+    parser.add_argument("--bucket", help="artifact bucket for code and outputs (env ARTIFACT_BUCKET)")
+    parser.add_argument("--pipeline-name", help="default ImageClassificationPipeline or <project-name>-<project-id>")
+    parser.add_argument("--model-package-group", help="default ImageClassifierModels or <project-name>-<project-id>")
+    parser.add_argument("--base-job-prefix", help="job name and S3 prefix (default imgclf)")
+    parser.add_argument("--project-name", help="SageMaker project name (env SAGEMAKER_PROJECT_NAME)")
+    parser.add_argument("--project-id", help="SageMaker project id (env SAGEMAKER_PROJECT_ID)")
+    parser.add_argument("--project-arn", help="SageMaker project ARN (env SAGEMAKER_PROJECT_ARN)")
+    parser.add_argument("--deploy-function-arn", help="deploy Lambda ARN (env DEPLOY_FUNCTION_ARN)")
+    parser.add_argument("--tuning-strategy", choices=TUNING_STRATEGIES, default="Bayesian")
+    parser.add_argument("--spot", action="store_true", help="managed spot training with checkpoints")
+    parser.add_argument("--no-cache", action="store_true", help="disable step caching")
+    parser.add_argument("--stop-training-on-rule-issue", action="store_true",
+                        help="Debugger rules stop the best-model training job when they find an issue")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log the SDK's messages too")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser("definition", help="print the pipeline definition JSON")
+    sub.add_parser("upsert", help="create or update the pipeline")
+    start = sub.add_parser("start", help="start an execution")
+    start.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                       help="override a pipeline Parameter (repeatable)")
+    start.add_argument("--wait", action="store_true", help="wait until the execution ends; exit 1 unless it succeeded")
+    start.add_argument("--display-name", help="execution display name")
+    start.add_argument("--poll-seconds", type=float, default=30.0)
+    start.add_argument("--timeout-seconds", type=float, default=24 * 3600.0)
+    for name, text in (("status", "execution status and step statuses"), ("describe", "full execution record"),
+                       ("retry", "retry a failed execution from its failed steps"), ("stop", "stop an execution")):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("execution", nargs="?", default="latest",
+                             help="execution ARN or id (default: the latest)")
+    listing = sub.add_parser("list-executions", help="most recent executions first")
+    listing.add_argument("--max-results", type=int, default=20)
+    try:
+        from pipelines.local import cli as local_cli
+    except ImportError as exc:
+        logger.debug("local engine commands unavailable: %s", exc)
+    else:
+        local_cli.add_local_subcommands(sub)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("pipelines").setLevel(logging.INFO)
+    for noisy in ("sagemaker", "sagemaker.config", "botocore", "boto3", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None, clients: AwsClients | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 1 execution failed, 2 user error)."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        args.parameters = parse_parameters(getattr(args, "param", None) or [])
+        if args.target == "local":
+            return run_local(args)
+        return run_sagemaker(args, clients)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except NoCredentialsError:
+        print("error: no AWS credentials found: configure a profile, environment variables or an instance role "
+              "(or use --target local)", file=sys.stderr)
+        return 2
+    except NoRegionError:
+        print("error: no AWS region: set AWS_REGION or pass --region", file=sys.stderr)
+        return 2
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        print(f"error: {exc.operation_name}: {error.get('Code')}: {error.get('Message')}", file=sys.stderr)
+        return 2
+    except BotoCoreError as exc:
+        print(f"error: AWS: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
