@@ -1,0 +1,317 @@
+"""Tests of training/train.py: run as SageMaker would (subprocess, SM_* env vars, string hyperparameters)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.sample_data import make_dataset
+from training import train
+from training.metrics import METRIC_DEFINITIONS, METRIC_NAMES, parse_epoch_lines, parse_metric_values
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PY = ROOT / "training" / "train.py"
+CLASSES = ["circle", "square", "triangle"]
+# every hyperparameter as SageMaker passes it: "--name" "string value"
+HYPERPARAMETERS = {"arch": "resnet18", "epochs": "2", "batch_size": "8", "test-batch-size": "16", "lr": "0.002",
+                   "optimizer": "adam", "image_size": "32", "workers": "0", "seed": "7", "amp": "True",
+                   "channels-last": "false", "pretrained": "default", "pretrained_fallback": "scratch",
+                   "system_monitor_interval_ms": "200"}
+
+
+def _hp_args(overrides: dict[str, str] | None = None) -> list[str]:
+    args: list[str] = []
+    for name, value in {**HYPERPARAMETERS, **(overrides or {})}.items():
+        args += [f"--{name}", value]
+    return args
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    # train: 6 good images per class + odd-but-valid files + empty / not-an-image / truncated files
+    make_dataset(root / "train", per_class=6, size=40, seed=1, classes=CLASSES, with_bad_files=True)
+    make_dataset(root / "validation", per_class=5, size=40, seed=2, classes=CLASSES)
+    return root
+
+
+def _job_env(job: Path, data: Path, debug_config: Path | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "SM_CHANNEL_TRAIN": str(data / "train"), "SM_CHANNEL_VALIDATION": str(data / "validation"),
+        "SM_MODEL_DIR": str(job / "model"), "SM_OUTPUT_DATA_DIR": str(job / "output" / "data"),
+        "SM_OUTPUT_DIR": str(job / "output"), "SM_CHECKPOINT_DIR": str(job / "checkpoints"), "SM_NUM_GPUS": "0",
+        # offline for pretrained weights, whatever network this machine has: empty hub cache, dead proxy
+        "TORCH_HOME": str(job / "torch_home"), "HTTPS_PROXY": "http://127.0.0.1:9",
+        "https_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
+        "SMDEBUG_CONFIG_FILE_PATH": str(debug_config or job / "no-debughookconfig.json"),
+        "PYTHONPATH": str(ROOT),
+        # one intra-op thread: tiny tensors, and spinning OpenMP threads only burn CPU on a shared test machine
+        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+    })
+    env.pop("TRAINING_JOB_NAME", None)
+    return env
+
+
+def _run(job: Path, data: Path, args: list[str], debug_config: Path | None = None,
+         timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(TRAIN_PY), *args], env=_job_env(job, data, debug_config),
+                          capture_output=True, text=True, timeout=timeout, cwd=job)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def full_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """An uninterrupted 2-epoch job with a SageMaker-format Debugger hook config."""
+    job = tmp_path_factory.mktemp("job_full")
+    config = job / "debughookconfig.json"
+    config.write_text(json.dumps({
+        "LocalPath": str(job / "tensors"),
+        "S3OutputPath": "s3://bucket/prefix/debug-output",
+        "HookParameters": {"save_interval": "1"},
+        "CollectionConfigurations": [{"CollectionName": "losses", "CollectionParameters": {"save_interval": "1"}}],
+    }))
+    # unknown extra argument: must be logged and ignored
+    result = _run(job, data_dir, [*_hp_args(), "--sagemaker_extra", "x"], debug_config=config)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return job, result
+
+
+@pytest.mark.slow
+def test_metric_lines_model_and_learning(full_run: tuple[Path, subprocess.CompletedProcess], data_dir: Path) -> None:
+    import torch
+
+    from training.model import eval_transform, load_model
+
+    job, result = full_run
+    rows = parse_epoch_lines(result.stdout)
+    assert [row["epoch"] for row in rows] == [1, 2]
+    for definition in METRIC_DEFINITIONS:  # the regexes SageMaker and the tuner use
+        assert len(parse_metric_values(result.stdout, definition["Name"])) == 2, definition
+    assert "ignoring unknown arguments: --sagemaker_extra x" in result.stderr
+    assert "bf16 autocast is CUDA-only" in result.stderr
+
+    best = max(row["valid_accuracy"] for row in rows)
+    assert best > 1 / len(CLASSES) + 0.15, rows  # clearly above chance after 2 epochs
+
+    model, config = load_model(job / "model")
+    assert config["classes"] == CLASSES and config["num_classes"] == 3
+    assert config["best_valid_accuracy"] == pytest.approx(best, abs=5e-5)
+    assert rows[config["best_epoch"] - 1]["valid_accuracy"] == best
+    hyper = config["hyperparameters"]
+    assert (hyper["lr"], hyper["batch_size"], hyper["amp"], hyper["channels_last"]) == (0.002, 8, True, False)
+    assert {"arch", "hidden_units", "dropout", "image_size", "resize_size", "mean", "std",
+            "weights_file"} <= set(config)
+    # the saved weights are the best epoch's: they reproduce its validation accuracy
+    dataset = train.SafeImageFolder(data_dir / "validation", eval_transform(config))
+    with torch.no_grad():
+        correct = sum(int(model(image.unsqueeze(0)).argmax(1).item() == target) for image, target in dataset)
+    assert correct / len(dataset) == pytest.approx(best, abs=5e-5)
+
+
+@pytest.mark.slow
+def test_side_outputs_and_bad_files(full_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    job, result = full_run
+    out = job / "output" / "data"
+    epochs = _read_jsonl(out / "metrics" / "epochs.jsonl")
+    assert [row["epoch"] for row in epochs] == [1, 2]
+    assert {*METRIC_NAMES, "lr", "epoch_time_s"} <= set(epochs[0])
+    for row, parsed in zip(epochs, parse_epoch_lines(result.stdout), strict=True):
+        assert parsed["valid_accuracy"] == pytest.approx(row["valid_accuracy"], abs=5e-5)
+
+    system = _read_jsonl(out / "profiler" / "system_metrics.jsonl")
+    assert system, "no system metrics sampled"
+    assert set(system[0]) == {"timestamp", "cpu_percent", "memory_percent", "rss_mb", "gpu_utilization",
+                              "gpu_memory_mb"}
+    assert system[0]["gpu_utilization"] is None and system[0]["rss_mb"] > 50
+
+    steps = _read_jsonl(out / "profiler" / "step_timings.jsonl")
+    summary = json.loads((out / "profiler" / "summary.json").read_text())
+    for mode in ("train", "eval"):
+        mine = [s for s in steps if s["mode"] == mode]
+        assert len(mine) == summary[mode]["steps"] > 0
+        assert sum(s["batch_size"] for s in mine) == summary[mode]["samples"]
+        assert all(s["compute_time_s"] > 0 and s["data_time_s"] >= 0 for s in mine)
+    assert summary["eval"]["samples"] == 2 * 5 * len(CLASSES)
+    assert summary["device"] == "cpu" and summary["workers"] == 0 and summary["epochs_completed"] == 2
+
+    # empty and not-an-image files are skipped (a truncated one may or may not be decodable), counted once each
+    skipped = {f"{Path(item['path']).name}@{Path(item['path']).parent.name}" for item in summary["bad_files"]}
+    expected = {f"{name}@{cls}" for cls in CLASSES for name in ("empty.jpg", "not_an_image.jpg")}
+    assert expected <= skipped
+    assert skipped - expected <= {f"truncated.jpg@{cls}" for cls in CLASSES}
+    assert summary["bad_files_skipped"] == len(skipped)
+    assert summary["train"]["samples"] == 2 * (len(CLASSES) * (6 + 5 + 3) - len(skipped))
+    assert "skipping unreadable image" in result.stderr
+
+
+@pytest.mark.slow
+def test_debugger_hook_saves_losses(full_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    from smdebug import modes
+    from smdebug.trials import create_trial
+
+    job, _ = full_run
+    summary = json.loads((job / "output" / "data" / "profiler" / "summary.json").read_text())
+    assert summary["debugger_hook"] is True
+    trial = create_trial(str(job / "tensors"))
+    names = trial.tensor_names(collection="losses")
+    assert names, "no loss tensors saved"
+    loss = trial.tensor(names[0])
+    assert len(loss.steps(mode=modes.TRAIN)) == summary["train"]["steps"]
+    assert len(loss.steps(mode=modes.EVAL)) == summary["eval"]["steps"]
+    assert loss.value(loss.steps(mode=modes.TRAIN)[0], mode=modes.TRAIN) > 0
+
+
+@pytest.mark.slow
+def test_pretrained_offline_falls_back_to_scratch(full_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    job, result = full_run
+    assert "could not load pretrained weights" in result.stderr and "continuing from scratch" in result.stderr
+    config = json.loads((job / "model" / "model_config.json").read_text())
+    assert config["pretrained_weights"] is None
+
+
+@pytest.mark.slow
+def test_pretrained_offline_fails_clearly(data_dir: Path, tmp_path: Path) -> None:
+    result = _run(tmp_path, data_dir, _hp_args({"pretrained_fallback": "fail", "epochs": "1"}))
+    assert result.returncode == 2
+    assert "could not load pretrained weights" in result.stderr
+    assert "--pretrained-fallback scratch" in result.stderr and "Traceback" not in result.stderr
+    assert "could not load pretrained weights" in (tmp_path / "output" / "failure").read_text()
+    assert not (tmp_path / "model" / "model.pth").exists()
+
+
+@pytest.mark.slow
+def test_killed_job_resumes_from_checkpoint(data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                            full_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    import torch
+
+    full_job, _ = full_run
+    reference = _read_jsonl(full_job / "output" / "data" / "metrics" / "epochs.jsonl")
+    env = _job_env(tmp_path, data_dir, None)
+    # first attempt: killed (like a reclaimed spot instance) as soon as epoch 1 is reported
+    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *_hp_args()], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=tmp_path)
+    try:
+        line = "-"
+        while line and not line.startswith("epoch="):  # other stdout lines (e.g. torch.hub's) are allowed
+            line = proc.stdout.readline()
+        assert line.startswith("epoch=1 "), line
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert (tmp_path / "checkpoints" / "checkpoint.pth").is_file()
+    assert not (tmp_path / "model" / "model.pth").exists()
+
+    second = _run(tmp_path, data_dir, _hp_args())
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert [row["epoch"] for row in parse_epoch_lines(second.stdout)] == [2]  # resumed, not restarted
+    assert "resuming from" in second.stderr
+    history = _read_jsonl(tmp_path / "output" / "data" / "metrics" / "epochs.jsonl")
+    assert [row["epoch"] for row in history] == [1, 2]
+    # deterministic on CPU: interrupted + resumed == uninterrupted (model, optimizer, RNG, shuffling restored)
+    for got, want in zip(history, reference, strict=True):
+        for name in METRIC_NAMES:
+            assert got[name] == pytest.approx(want[name], rel=1e-4, abs=1e-6), (name, got, want)
+    summary = json.loads((tmp_path / "output" / "data" / "profiler" / "summary.json").read_text())
+    assert summary["resumed"] is True and summary["start_epoch"] == 2 and summary["epochs_completed"] == 1
+    # no Debugger config -> no hook, no tensors
+    assert summary["debugger_hook"] is False and not (tmp_path / "tensors").exists()
+    assert "no hook config" in second.stderr
+
+    # a checkpoint of other hyperparameters is refused and left alone
+    before = (tmp_path / "checkpoints" / "checkpoint.pth").read_bytes()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        dirs = {"train": data_dir / "train", "validation": data_dir / "validation",
+                "checkpoint-dir": tmp_path / "checkpoints", "model-dir": tmp_path / "other_model",
+                "output-data-dir": tmp_path / "other_out"}
+        code = train.run(_hp_args({"lr": "0.5", **{name: str(path) for name, path in dirs.items()}}))
+    finally:  # main() configures determinism for the process; give pytest's back
+        torch.use_deterministic_algorithms(deterministic)
+    assert code == 2
+    assert "belongs to a run with other hyperparameters" in caplog.text
+    assert (tmp_path / "checkpoints" / "checkpoint.pth").read_bytes() == before
+    assert not (tmp_path / "other_model").exists()
+
+
+@pytest.mark.fast
+def test_no_debugger_config_means_no_smdebug_import(tmp_path: Path) -> None:
+    code = ("import sys; from training import debugger; "
+            "assert debugger.create_hook(None, None) is None; assert 'smdebug' not in sys.modules; print('ok')")
+    env = {**os.environ, "SMDEBUG_CONFIG_FILE_PATH": str(tmp_path / "missing.json"), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.fast
+def test_debugger_config_problems_disable_hook_without_crashing(tmp_path: Path, monkeypatch) -> None:
+    from training import debugger
+
+    bad = tmp_path / "debughookconfig.json"
+    bad.write_text("{not json")
+    monkeypatch.setenv("SMDEBUG_CONFIG_FILE_PATH", str(bad))
+    assert debugger.create_hook(None, None) is None
+    finished = tmp_path / "tensors"
+    finished.mkdir()
+    (finished / debugger.TRAINING_END_FILE).write_text("")
+    bad.write_text(json.dumps({"LocalPath": str(finished)}))
+    assert debugger.create_hook(None, None) is None
+
+
+@pytest.mark.fast
+def test_hyperparameters_as_sagemaker_passes_them(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SM_CHANNEL_TRAIN", str(tmp_path / "tr"))
+    monkeypatch.setenv("SM_CHECKPOINT_DIR", str(tmp_path / "ck"))
+    monkeypatch.setenv("SM_NUM_GPUS", "1")
+    args = train.parse_args(["--batch-size", "16", "--hidden_units", "128", "--freeze-backbone", "True",
+                             "--amp", "false", "--channels_last", "--lr", "1e-4", "--epochs", "3.0",
+                             "--arch", '"mobilenet_v2"', "--optimizer", "SGD", "--unknown", "1"])
+    assert (args.batch_size, args.hidden_units, args.freeze_backbone, args.amp, args.channels_last) == (
+        16, 128, True, False, True)
+    assert (args.lr, args.epochs, args.arch, args.optimizer) == (1e-4, 3, "mobilenet_v2", "sgd")
+    assert (args.train, args.checkpoint_dir, args.num_gpus) == (str(tmp_path / "tr"), str(tmp_path / "ck"), 1)
+    assert args.ignored_args == ["--unknown", "1"]
+    for bad in (["--arch", "vgg11"], ["--epochs", "2.5"], ["--amp", "maybe"], ["--lr", "fast"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
+    with pytest.raises(ValueError, match="--dropout must be in"):
+        train._validate_args(train.parse_args(["--dropout", "1.5"]))
+
+
+@pytest.mark.fast
+def test_bad_files_become_markers_and_validation_uses_training_classes(tmp_path: Path) -> None:
+    from training.model import train_transform
+
+    make_dataset(tmp_path / "train", per_class=2, size=32, seed=3, classes=CLASSES, with_bad_files=True)
+    dataset = train.SafeImageFolder(tmp_path / "train", train_transform(32))
+    items = [dataset[i] for i in range(len(dataset))]
+    bad = [item for item in items if isinstance(item, train.BadSample)]
+    names = {Path(item.path).name for item in bad}
+    assert {"empty.jpg", "not_an_image.jpg"} <= names and names <= {"empty.jpg", "not_an_image.jpg", "truncated.jpg"}
+    images, targets, dropped = train.collate_skip_bad(items[:8])
+    assert images.shape[1:] == (3, 32, 32) and len(targets) + len(dropped) == 8
+    assert train.collate_skip_bad(bad[:2]) == (None, None, bad[:2])
+    # odd formats (16-bit, CMYK, RGBA, grayscale, PNG named .jpg) all load as RGB
+    for name in ("odd_16bit.png", "odd_cmyk.jpg", "odd_rgba.png", "odd_gray.png", "odd_png_named.jpg"):
+        image = train.pil_loader(str(tmp_path / "train" / "circle" / name))
+        assert image.mode == "RGB" and max(image.getextrema()[0]) > 0
+
+    make_dataset(tmp_path / "val", per_class=1, size=32, seed=4, classes=["square", "triangle"])
+    val = train.SafeImageFolder(tmp_path / "val", None, class_to_idx=dataset.class_to_idx, allow_empty=True)
+    assert val.classes == CLASSES and sorted({t for _, t in val.samples}) == [1, 2]
+    make_dataset(tmp_path / "val2", per_class=1, size=32, seed=4, classes=["circle", "cross"])
+    with pytest.raises(ValueError, match="lacks: \\['cross'\\]"):
+        train.SafeImageFolder(tmp_path / "val2", None, class_to_idx=dataset.class_to_idx, allow_empty=True)
