@@ -51,11 +51,13 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 try:
+    from training.images import to_rgb
     from training.model import eval_transform, load_model
 except ImportError:  # run from a checkout or a bundle whose root is not on sys.path yet
     for _root in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]):
         if (_root / "training" / "model.py").is_file() and str(_root) not in sys.path:
             sys.path.insert(0, str(_root))
+    from training.images import to_rgb
     from training.model import eval_transform, load_model
 
 logger = logging.getLogger(__name__)
@@ -234,45 +236,6 @@ def _check_batch(n: int) -> None:
     if n > limit:
         raise PayloadTooLarge(f"batch of {n} images exceeds the maximum batch size {limit} "
                               "(INFERENCE_MAX_BATCH_SIZE); split the request")
-
-
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Scale a high-bit-depth single-channel array to 0..255 (16-bit: divide by 257; never clip)."""
-    a = arr.astype(np.float64)
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    if arr.dtype.kind == "u" and arr.dtype.itemsize == 2:
-        scaled = a / 257.0
-    elif arr.dtype.kind in "iu" and lo >= 0 and hi <= 255:
-        scaled = a
-    elif arr.dtype.kind in "iu" and lo >= 0 and hi <= 65535:  # 16-bit samples held in a 32-bit mode "I" image
-        scaled = a / 257.0
-    elif arr.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
-        scaled = a * 255.0
-    elif arr.dtype.kind == "f" and lo >= 0.0 and hi <= 255.0:
-        scaled = a
-    elif hi > lo:  # unknown range: stretch to 0..255
-        scaled = (a - lo) * (255.0 / (hi - lo))
-    else:
-        scaled = np.zeros_like(a)
-    return np.round(scaled).astype(np.uint8)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow image → 8-bit RGB with the same rules as ``steps/preprocess.py`` (which the serving bundle does
-    not ship): alpha composited over white, 16-bit/32-bit/float grayscale scaled (never clipped), CMYK/palette
-    converted."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode.startswith("I") or mode == "F":
-        return Image.fromarray(_to_uint8(np.asarray(img)), "L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        mode in ("P", "L", "RGB") and "transparency" in img.info)
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
 
 
 def decode_image(data: bytes, what: str = "image") -> Image.Image:

@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 #: Top-level packages shipped to the processing and training jobs.
 SOURCE_PACKAGES = ("training", "steps", "inference")
 #: Files of the serving bundle besides ``inference.py`` (which goes to its root).
-SERVING_EXTRA_FILES = ("training/__init__.py", "training/model.py", "training/archives.py")
+SERVING_EXTRA_FILES = ("training/__init__.py", "training/model.py", "training/archives.py",
+                       "training/images.py")
 SERVING_HANDLER = "inference/inference.py"
 REQUIREMENTS = "training/requirements.txt"
 #: Bump when the layout of the bundles changes, so the content address changes with it.

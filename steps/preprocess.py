@@ -47,10 +47,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from training.archives import UnsafeArchiveError, is_archive, safe_extract
+from training.images import to_rgb
 
 logger = logging.getLogger("steps.preprocess")
 
@@ -350,46 +350,6 @@ def _open_decoded(path: Path, max_pixels: int, draft_size: int = 0) -> Image.Ima
         msg = str(exc) or type(exc).__name__
         raise ValueError(f"truncated or corrupt image data ({img.format}: {msg})") from exc
     return img
-
-
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Scale a high-bit-depth single-channel array to 0..255 (16-bit: divide by 257; never clip)."""
-    a = arr.astype(np.float64)
-    lo, hi = float(a.min()), float(a.max())
-    if arr.dtype.kind == "u" and arr.dtype.itemsize == 2:
-        scaled = a / 257.0
-    elif arr.dtype.kind in "iu" and lo >= 0 and hi <= 255:
-        scaled = a
-    elif arr.dtype.kind in "iu" and lo >= 0 and hi <= 65535:  # 16-bit samples held in a 32-bit mode "I" image
-        scaled = a / 257.0
-    elif arr.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
-        scaled = a * 255.0
-    elif arr.dtype.kind == "f" and lo >= 0.0 and hi <= 255.0:
-        scaled = a
-    elif hi > lo:  # unknown range: stretch to 0..255
-        scaled = (a - lo) * (255.0 / (hi - lo))
-    else:
-        scaled = np.zeros_like(a)
-    return np.round(scaled).astype(np.uint8)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB: alpha over white, 16-bit/32-bit/float scaled, CMYK/palette converted."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode.startswith("I") or mode == "F":
-        return Image.fromarray(_to_uint8(np.asarray(img)), "L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info) or (
-        mode in ("L", "RGB") and "transparency" in img.info)
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    try:
-        return img.convert("RGB")
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"unsupported colour mode {mode!r}: {exc}") from exc
 
 
 def validate_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bool, str]:

@@ -43,7 +43,8 @@ Outputs
          "epochs_completed", "resumed", "early_stopped", "best_epoch", "best_valid_accuracy", "wall_time_s",
          "train": {"steps", "samples", "data_time_s", "compute_time_s", "samples_per_s", "data_time_fraction"},
          "eval": {...same...}, "bad_files_skipped", "bad_files": [{"path", "reason"}, ...],
-         "system_monitor": {"samples", "interval_s", "max_cpu_percent", "max_rss_mb"}, "debugger_hook"}
+         "system_monitor": {"samples", "interval_s", "max_cpu_percent", "max_rss_mb"}, "debugger_hook",
+         "cuda_max_memory_allocated_mb"}
 
 Unreadable images never stop a job: the dataset returns a marker instead of a sample, the collate
 function drops it, the file is logged once (warning) and counted (``bad_files_skipped``). Truncated
@@ -79,6 +80,7 @@ from torch.utils.data import DataLoader, default_collate
 from torchvision import datasets
 
 from training import debugger
+from training.images import to_rgb
 from training.metrics import format_epoch_metrics
 from training.model import (
     ARCHITECTURES,
@@ -93,8 +95,6 @@ from training.model import (
     train_transform,
 )
 from training.system_monitor import SystemMonitor
-
-ImageFile.LOAD_TRUNCATED_IMAGES = True
 
 logger = logging.getLogger("training.train")
 
@@ -267,13 +267,10 @@ class BadSample(NamedTuple):
 
 
 def pil_loader(path: str) -> Image.Image:
-    """Open an image as RGB; 16/32-bit grayscale is scaled to 8 bits instead of clipped."""
+    """Open an image as RGB with the project's conversion rules (training.images.to_rgb)."""
     with Image.open(path) as img:
-        if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-            arr = np.asarray(img, dtype=np.float64)
-            peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
-            return Image.fromarray(np.clip(arr / peak * 255.0, 0, 255).astype(np.uint8)).convert("RGB")
-        return img.convert("RGB")
+        img.load()
+        return to_rgb(img)
 
 
 class SafeImageFolder(datasets.ImageFolder):
@@ -619,6 +616,8 @@ def _write_epochs(path: Path, history: list[dict[str, Any]]) -> None:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train per ``args``; returns the run summary (also written to ``profiler/summary.json``)."""
+    # Tolerate truncated JPEGs in training data: decode as far as they go (set here, not at import time).
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
     started = time.time()
     if getattr(args, "ignored_args", None):
         logger.warning("ignoring unknown arguments: %s", " ".join(args.ignored_args))
@@ -785,7 +784,9 @@ def _run(args: argparse.Namespace, device: torch.device, output_dir: Path, monit
                "best_valid_accuracy": best["valid_accuracy"], "wall_time_s": round(time.time() - started, 3),
                **timer.summary(), "bad_files_skipped": len(bad_files.files),
                "bad_files": bad_files.as_list()[:MAX_BAD_FILES_LISTED], "system_monitor": monitor.summary(),
-               "debugger_hook": hook is not None}
+               "debugger_hook": hook is not None,
+               "cuda_max_memory_allocated_mb": (round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+                                                if device.type == "cuda" else None)}
     _atomic_write_text(output_dir / "profiler" / "summary.json", json.dumps(summary, indent=2))
     if bad_files.files:
         logger.warning("%d unreadable image(s) were skipped (listed in profiler/summary.json)", len(bad_files.files))
