@@ -28,15 +28,6 @@ Y_TRUE = [0, 0, 0, 1, 1, 2]
 Y_PROB = [[.7, .2, .1], [.6, .3, .1], [.3, .6, .1], [.1, .8, .1], [.35, .05, .6], [.2, .2, .6]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads spin against each other (several x slower)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def value(metrics: dict, name: str) -> float:
     return metrics[name]["value"]
 

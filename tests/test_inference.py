@@ -29,15 +29,6 @@ pytestmark = pytest.mark.fast
 CLASS_NAMES = sorted(CLASSES)  # circle, cross, square, triangle
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads spin against each other (several x slower)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def write_model(model_dir: Path, classes: list[str], *, image_size: int = 32, seed: int = 0,
                 fixed_logits: list[float] | None = None) -> Path:
     """An untrained resnet18 (seeded); with ``fixed_logits`` the head ignores the features and always outputs them."""

@@ -17,7 +17,6 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -26,7 +25,7 @@ from typing import Any
 from botocore.exceptions import ParamValidationError
 from botocore.validate import ParamValidator
 
-from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION, ArtifactStore, connect
+from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION, ArtifactStore, transaction
 
 logger = logging.getLogger(__name__)
 
@@ -134,26 +133,8 @@ def to_datetime(epoch: float | None) -> datetime | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, tz=UTC)
 
 
-def _connect() -> sqlite3.Connection:
-    return connect(SCHEMA)
-
-
-@contextlib.contextmanager
-def _db(write: bool = False) -> Iterator[sqlite3.Connection]:
-    conn = _connect()
-    try:
-        if write:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        else:
-            yield conn
-    finally:
-        conn.close()
+def _db(write: bool = False) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+    return transaction(SCHEMA, write)
 
 
 # ------------------------------------------------------------------------------------------------ data objects

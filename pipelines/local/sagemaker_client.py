@@ -30,7 +30,7 @@ from botocore.utils import parse_timestamp
 
 from pipelines.local import endpoints, registry
 from pipelines.local.registry import ARN_PREFIX, to_datetime, validate_request
-from pipelines.local.store import connect
+from pipelines.local.store import transaction
 
 logger = logging.getLogger(__name__)
 
@@ -116,22 +116,8 @@ class LocalSageMakerClient:
 
     # ------------------------------------------------------------------------------------------------ plumbing
 
-    @contextlib.contextmanager
-    def _db(self, write: bool = False) -> Iterator[Any]:
-        conn = connect(SCHEMA)
-        try:
-            if write:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-            else:
-                yield conn
-        finally:
-            conn.close()
+    def _db(self, write: bool = False) -> contextlib.AbstractContextManager[Any]:
+        return transaction(SCHEMA, write)
 
     @staticmethod
     def _validate(operation: str, params: dict[str, Any]) -> None:

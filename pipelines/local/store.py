@@ -13,10 +13,11 @@ connection from :func:`connect`, so there is exactly one database and one way to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -51,6 +52,25 @@ def connect(schema: Iterable[str] = ()) -> sqlite3.Connection:
     for statement in schema:
         conn.execute(statement)
     return conn
+
+
+@contextlib.contextmanager
+def transaction(schema: Iterable[str] = (), write: bool = False) -> Iterator[sqlite3.Connection]:
+    """A connection for one unit of work; with ``write`` an immediate transaction, rolled back on error."""
+    conn = connect(schema)
+    try:
+        if write:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        else:
+            yield conn
+    finally:
+        conn.close()
 
 
 class ArtifactStore:

@@ -1,0 +1,21 @@
+"""Suite-wide settings for a small shared CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Subprocesses (trainer, evaluation, endpoints) inherit this: on 2 cores OpenMP threads spin against each
+# other and make small CPU jobs several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op thread in the test process too."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
