@@ -1,0 +1,628 @@
+"""The embedded engine: runs a SageMaker pipeline definition JSON (the very one ``upsert`` sends) on this machine.
+
+The definition is parsed into a step graph (top-level steps plus the steps inside ConditionStep branches; edges from
+``DependsOn``, from every ``Steps.X...`` reference in a step's arguments, and from a branch step to its condition).
+Steps whose dependencies succeeded run in parallel up to ``max_workers``; a ConditionStep's outcome blocks the other
+branch (and everything downstream of it), as SageMaker does. A failed step stops new steps from starting; the
+running ones finish; the execution fails with the step's reason (a FailStep's resolved ``ErrorMessage``).
+
+Every step state change is recorded in SQLite (:mod:`pipelines.local.executions`) before and after the step, so an
+engine killed at any point can be resumed with :meth:`LocalEngine.resume` (``retry``): finished steps are kept and
+stale ``Executing`` ones rerun. Steps with ``CacheConfig.Enabled`` reuse an earlier successful run's properties when
+their arguments (with parameters and upstream properties resolved, execution variables left symbolic -- code
+bundles are content-addressed, so code changes change the arguments) match within ``ExpireAfter``.
+"""
+
+from __future__ import annotations
+
+import graphlib
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipelines.local import jobs, resolver
+from pipelines.local.executions import ExecutionStore, parse_iso_duration
+from pipelines.local.store import DEPLOY_FUNCTION_NAME, ArtifactStore, runs_dir
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_STEP_TYPES = ("Processing", "Training", "Tuning", "Condition", "RegisterModel", "Lambda", "Fail")
+
+
+class DefinitionError(ValueError):
+    """The definition cannot run locally (unsupported step type or function, unknown reference, cycle...)."""
+
+
+class StepFailed(RuntimeError):
+    """A step failed; ``str()`` is the failure reason recorded for it."""
+
+
+class Observer(Protocol):
+    """What the engine reports to (the progress view implements it)."""
+
+    def execution_started(self, execution_id: str, steps: list[tuple[str, str]]) -> None: ...
+    def step_status(self, step_name: str, status: str, detail: str = "") -> None: ...
+    def step_message(self, step_name: str, message: str) -> None: ...
+    def execution_finished(self, execution: Mapping[str, Any], steps: list[dict[str, Any]]) -> None: ...
+
+
+class NullObserver:
+    def execution_started(self, execution_id: str, steps: list[tuple[str, str]]) -> None:
+        pass
+
+    def step_status(self, step_name: str, status: str, detail: str = "") -> None:
+        pass
+
+    def step_message(self, step_name: str, message: str) -> None:
+        pass
+
+    def execution_finished(self, execution: Mapping[str, Any], steps: list[dict[str, Any]]) -> None:
+        pass
+
+
+@dataclass
+class StepDef:
+    name: str
+    type: str
+    spec: dict[str, Any]
+    deps: set[str] = field(default_factory=set)
+    branch: tuple[str, bool] | None = None  # (condition step, True for IfSteps / False for ElseSteps)
+
+    @property
+    def arguments(self) -> Any:
+        return self.spec.get("Arguments", {})
+
+
+def function_name(function_arn: str) -> str:
+    """The function name of a Lambda ARN (``arn:aws:lambda:region:acct:function:NAME[:qualifier]``) or bare name."""
+    match = re.match(r"^arn:aws[\w-]*:lambda:[^:]*:[^:]*:function:([^:]+)", function_arn)
+    return match.group(1) if match else function_arn
+
+
+def local_sagemaker_client() -> Any:
+    """The local SageMaker API backend (registry + endpoints) the deploy code talks to."""
+    from pipelines.local import sagemaker_client
+
+    return sagemaker_client.LocalSageMakerClient()
+
+
+def _deploy_function(event: dict[str, Any]) -> dict[str, Any]:
+    from steps.deploy import handle_event
+
+    return handle_event(event, local_sagemaker_client())
+
+
+#: Lambda functions the local engine can invoke, by function name.
+LAMBDA_FUNCTIONS: dict[str, Callable[[dict[str, Any]], Any]] = {DEPLOY_FUNCTION_NAME: _deploy_function}
+
+
+def parse_definition(definition: Mapping[str, Any]) -> dict[str, StepDef]:
+    """All steps of a definition (branches included) with their dependencies; raises :class:`DefinitionError`."""
+    steps: dict[str, StepDef] = {}
+
+    def add(items: list[dict[str, Any]], branch: tuple[str, bool] | None) -> None:
+        for spec in items:
+            name, stype = spec.get("Name"), spec.get("Type")
+            if not name or not stype:
+                raise DefinitionError(f"step without Name/Type: {json.dumps(spec)[:200]}")
+            if name in steps:
+                raise DefinitionError(f"duplicate step name {name!r}")
+            if stype not in SUPPORTED_STEP_TYPES:
+                raise DefinitionError(f"step {name!r} has type {stype!r}, which the local engine does not run "
+                                      f"(supported: {', '.join(SUPPORTED_STEP_TYPES)})")
+            if stype == "Lambda":
+                fn = function_name(str(spec.get("FunctionArn", "")))
+                if fn not in LAMBDA_FUNCTIONS:
+                    raise DefinitionError(f"step {name!r} invokes Lambda function {fn!r}, which has no local "
+                                          f"implementation (known: {', '.join(sorted(LAMBDA_FUNCTIONS))})")
+            step = StepDef(name, stype, spec, branch=branch)
+            args = spec.get("Arguments", {})
+            if stype == "Condition":
+                step.deps |= resolver.referenced_steps(args.get("Conditions", []))
+            else:
+                step.deps |= resolver.referenced_steps(args)
+            step.deps |= set(spec.get("DependsOn") or [])
+            if branch:
+                step.deps.add(branch[0])
+            steps[name] = step
+            if stype == "Condition":
+                add(args.get("IfSteps") or [], (name, True))
+                add(args.get("ElseSteps") or [], (name, False))
+
+    add(list(definition.get("Steps") or []), None)
+    for step in steps.values():
+        unknown = step.deps - set(steps)
+        if unknown:
+            raise DefinitionError(f"step {step.name!r} depends on unknown step(s) {', '.join(sorted(unknown))}")
+        step.deps.discard(step.name)
+    try:
+        graphlib.TopologicalSorter({s.name: s.deps for s in steps.values()}).prepare()
+    except graphlib.CycleError as exc:
+        raise DefinitionError(f"the step graph has a cycle: {exc.args[1]}") from None
+    return steps
+
+
+def topological_order(steps: Mapping[str, StepDef]) -> list[str]:
+    return list(graphlib.TopologicalSorter({s.name: s.deps for s in steps.values()}).static_order())
+
+
+def _slug(text: str, n: int) -> str:
+    return re.sub(r"[^a-zA-Z0-9-]", "-", text)[:n].strip("-") or "step"
+
+
+def _json_default(obj: Any) -> Any:
+    return str(obj)
+
+
+class LocalEngine:
+    """Runs (and resumes) executions of one pipeline definition."""
+
+    def __init__(self, definition: str | Mapping[str, Any], *, pipeline_name: str,
+                 max_workers: int | None = None, observer: Observer | None = None,
+                 artifacts: ArtifactStore | None = None, records: ExecutionStore | None = None) -> None:
+        self.definition_json = definition if isinstance(definition, str) else json.dumps(definition)
+        self.definition = json.loads(self.definition_json)
+        self.pipeline_name = pipeline_name
+        self.steps = parse_definition(self.definition)
+        self.order = topological_order(self.steps)
+        self.max_workers = max(1, int(max_workers or os.environ.get("MLOPS_MAX_WORKERS", 2)))
+        self.observer: Observer = observer or NullObserver()
+        self.artifacts = artifacts or ArtifactStore()
+        self.records = records or ExecutionStore()
+        self.control = jobs.JobControl()
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------------------------------------------------
+    def start(self, overrides: Mapping[str, Any] | None = None, execution_id: str | None = None) -> dict[str, Any]:
+        """Create an execution with the parameters (defaults + ``overrides``) and run it to the end."""
+        parameters = resolver.resolve_parameters(self.definition, overrides)
+        execution = self.records.create_execution(self.pipeline_name, self.definition_json, parameters, execution_id)
+        logger.info("execution %s of %s started", execution["execution_id"], self.pipeline_name)
+        return self._run(execution["execution_id"], resumed=False)
+
+    def resume(self, execution_id: str) -> dict[str, Any]:
+        """Retry an execution: keep succeeded steps, rerun failed/stopped/stale ones and those not run yet."""
+        execution = self.records.find_execution(execution_id)
+        if execution["status"] == "Succeeded":
+            raise ValueError(f"execution {execution['execution_id']} already succeeded; nothing to retry")
+        if execution["status"] == "Executing" and _pid_alive(execution.get("pid")) and execution["pid"] != os.getpid():
+            raise ValueError(f"execution {execution['execution_id']} is still running (pid {execution['pid']}); "
+                             "stop it first")
+        stale = self.records.mark_stale_steps(execution["execution_id"], "the engine stopped while the step ran")
+        if stale:
+            logger.info("marked stale steps as failed: %s", ", ".join(stale))
+        return self._run(execution["execution_id"], resumed=True)
+
+    # ---------------------------------------------------------------------------------------------------------
+    def _context(self, execution: Mapping[str, Any], symbolic: bool = False) -> resolver.ResolverContext:
+        execution_id = execution["execution_id"]
+
+        def props(name: str) -> Mapping[str, Any]:
+            record = self.records.step(execution_id, name)
+            if record is None or record["status"] != "Succeeded" or record["properties"] is None:
+                raise KeyError(name)
+            return record["properties"]
+
+        def read_property_file(step_name: str, file_name: str) -> Any:
+            step = self.steps.get(step_name)
+            if step is None:
+                raise resolver.ResolutionError(f"property file {file_name}: no step {step_name!r}")
+            spec = next((f for f in step.spec.get("PropertyFiles") or [] if f.get("PropertyFileName") == file_name),
+                        None)
+            if spec is None:
+                raise resolver.ResolutionError(f"step {step_name} declares no property file {file_name!r}")
+            try:
+                outputs = props(step_name)["ProcessingOutputConfig"]["Outputs"]
+                base = outputs[spec["OutputName"]]["S3Output"]["S3Uri"]
+            except KeyError:
+                raise resolver.ResolutionError(
+                    f"property file {file_name}: step {step_name} has no output {spec.get('OutputName')!r}") from None
+            uri = f"{str(base).rstrip('/')}/{spec['FilePath']}"
+            path = self.artifacts.path(uri)
+            try:
+                return json.loads(path.read_text())
+            except FileNotFoundError:
+                raise resolver.ResolutionError(f"property file {file_name}: {uri} does not exist") from None
+            except json.JSONDecodeError as exc:
+                raise resolver.ResolutionError(f"property file {file_name}: {uri} is not valid JSON: {exc}") from None
+
+        started = execution.get("started_at") or execution["created_at"]
+        return resolver.ResolverContext(
+            parameters=execution["parameters"],
+            execution={
+                "PipelineExecutionId": execution_id,
+                "PipelineExecutionArn": execution["arn"],
+                "StartDateTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                "PipelineName": self.pipeline_name,
+                "PipelineArn": execution["arn"].split("/execution/")[0],
+            },
+            step_properties=props,
+            read_property_file=read_property_file,
+            symbolic_execution=symbolic,
+        )
+
+    def _blocked(self, execution_id: str) -> set[str]:
+        """Steps that will not run: the branch a condition did not take, and everything downstream of it."""
+        blocked: set[str] = set()
+        for name in self.order:
+            step = self.steps[name]
+            if step.branch:
+                cond = self.records.step(execution_id, step.branch[0])
+                if cond and cond["status"] == "Succeeded" and cond["properties"] is not None:
+                    if bool(cond["properties"].get("Outcome")) != step.branch[1]:
+                        blocked.add(name)
+                        continue
+            if step.deps & blocked:
+                blocked.add(name)
+        return blocked
+
+    def _run(self, execution_id: str, resumed: bool) -> dict[str, Any]:
+        self.records.begin_run(execution_id, resumed)
+        execution = self.records.get_execution(execution_id)
+        assert execution is not None
+        self.control = jobs.JobControl()
+        self.observer.execution_started(execution_id, [(n, self.steps[n].type) for n in self.order])
+        done: set[str] = set()
+        for record in self.records.steps(execution_id):
+            if record["step_name"] in self.steps and record["status"] == "Succeeded":
+                done.add(record["step_name"])
+                self.observer.step_status(record["step_name"], "Succeeded",
+                                          "kept from the previous attempt" if resumed else "")
+        running: dict[Future[None], str] = {}
+        failures: list[tuple[str, str]] = []
+        stopped = False
+        with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="step") as pool:
+            while True:
+                if not stopped and self.records.stop_requested(execution_id):
+                    stopped = True
+                    logger.warning("stop requested: stopping running jobs")
+                    self.control.stop()
+                blocked = self._blocked(execution_id)
+                if not failures and not stopped:
+                    for name in self.order:
+                        if name in done or name in blocked or name in running.values():
+                            continue
+                        if self.steps[name].deps <= done and len(running) < self.max_workers:
+                            running[pool.submit(self._execute_step, execution, name)] = name
+                if not running:
+                    break
+                finished, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    name = running.pop(future)
+                    try:
+                        future.result()
+                        done.add(name)
+                    except jobs.JobStopped as exc:
+                        failures.append((name, f"stopped: {exc}"))
+                    except StepFailed as exc:
+                        failures.append((name, str(exc)))
+                    except Exception as exc:  # noqa: BLE001 -- recorded as the step's failure
+                        failures.append((name, f"{type(exc).__name__}: {exc}"))
+        blocked = self._blocked(execution_id)
+        for name in self.order:
+            if name in blocked:
+                self.records.mark_not_executed(execution_id, name, self.steps[name].type)
+                self.observer.step_status(name, "NotExecuted", "branch not taken")
+        if stopped:
+            status, reason = "Stopped", "stopped on request"
+        elif failures:
+            status = "Failed"
+            reason = "; ".join(f"Step {n} failed: {r}" if self.steps[n].type != "Fail" else r for n, r in failures)
+        else:
+            pending = [n for n in self.order if n not in done and n not in blocked]
+            status, reason = ("Succeeded", None) if not pending else ("Failed", f"steps not run: {pending}")
+        self.records.mark_execution(execution_id, status, reason)
+        final = self.records.get_execution(execution_id)
+        assert final is not None
+        logger.info("execution %s %s%s", execution_id, status, f": {reason}" if reason else "")
+        self.observer.execution_finished(final, self.records.steps(execution_id))
+        return final
+
+    # ---------------------------------------------------------------------------------------------------------
+    def _execute_step(self, execution: Mapping[str, Any], name: str) -> None:
+        """Run one step and record its outcome (raises on failure, after recording it)."""
+        execution_id = execution["execution_id"]
+        step = self.steps[name]
+        run_dir = runs_dir() / execution_id
+        log_path = run_dir / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        attempt = self.records.start_step(execution_id, name, step.type, str(log_path))
+        with open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(f"[engine] {time.strftime('%Y-%m-%d %H:%M:%S')} step {name} ({step.type}) attempt {attempt}\n")
+        self.observer.step_status(name, "Executing", f"attempt {attempt}" if attempt > 1 else "")
+        rule_statuses: list[dict[str, Any]] | None = None
+        try:
+            ctx = self._context(execution)
+            handler = getattr(self, f"_step_{step.type.lower()}")
+            result = handler(execution, step, ctx, run_dir / name, log_path, attempt)
+            properties, cached_from = result if isinstance(result, tuple) else (result, None)
+            rule_statuses = (properties.get("DebugRuleEvaluationStatuses") or []) + \
+                (properties.get("ProfilerRuleEvaluationStatuses") or []) if isinstance(properties, dict) else None
+            self.records.finish_step(execution_id, name, "Succeeded", properties=properties, cached_from=cached_from,
+                                     rule_statuses=rule_statuses or None)
+            self.observer.step_status(name, "Succeeded", f"cache hit ({cached_from})" if cached_from else
+                                      self._detail(step, properties))
+        except jobs.JobStopped as exc:
+            self.records.finish_step(execution_id, name, "Stopped", failure_reason=str(exc))
+            self.observer.step_status(name, "Stopped", str(exc))
+            raise
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, (StepFailed, jobs.JobError, resolver.ResolutionError)) \
+                else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, (StepFailed, jobs.JobError, resolver.ResolutionError)):
+                with open(log_path, "a", encoding="utf-8") as fh:
+                    fh.write(traceback.format_exc())
+            properties = {"ErrorMessage": reason} if step.type == "Fail" else None
+            self.records.finish_step(execution_id, name, "Failed", failure_reason=reason, properties=properties)
+            self.observer.step_status(name, "Failed", reason)
+            raise StepFailed(reason) from exc
+
+    @staticmethod
+    def _detail(step: StepDef, properties: Any) -> str:
+        if not isinstance(properties, dict):
+            return ""
+        if step.type == "Condition":
+            return f"outcome {properties.get('Outcome')}"
+        if step.type == "Tuning":
+            best = properties.get("BestTrainingJob") or {}
+            metric = best.get("FinalHyperParameterTuningJobObjectiveMetric") or {}
+            return f"best {metric.get('MetricName')}={metric.get('Value')}"
+        if step.type == "RegisterModel":
+            return f"{properties.get('ModelPackageArn')} ({properties.get('ModelApprovalStatus')})"
+        if step.type == "Lambda":
+            return json.dumps(properties.get("OutputParameters"), default=str)[:200]
+        return ""
+
+    def _message(self, execution_id: str, name: str) -> Callable[[str], None]:
+        def say(message: str) -> None:
+            self.records.set_step_message(execution_id, name, message)
+            self.observer.step_message(name, message)
+        return say
+
+    def _line_observer(self, execution_id: str, name: str) -> Callable[[str], bool]:
+        say = self._message(execution_id, name)
+
+        def on_line(line: str) -> bool:
+            if line.startswith("epoch=") or "accuracy" in line or line.startswith("[tuner]"):
+                say(line.strip())
+            else:
+                self.observer.step_message(name, line.strip()[:160])
+            return False
+        return on_line
+
+    def _cache_lookup(self, execution: Mapping[str, Any], step: StepDef) -> tuple[str | None, dict[str, Any] | None]:
+        """(cache key, cached record) for a step with CacheConfig.Enabled; (None, None) without caching."""
+        cache = step.spec.get("CacheConfig") or {}
+        if not cache.get("Enabled"):
+            return None, None
+        symbolic = resolver.resolve(step.arguments, self._context(execution, symbolic=True))
+        payload = json.dumps({"type": step.type, "arguments": symbolic,
+                              "property_files": step.spec.get("PropertyFiles")}, sort_keys=True, default=_json_default)
+        key = hashlib.sha256(payload.encode()).hexdigest()
+        expire = cache.get("ExpireAfter")
+        try:
+            window = parse_iso_duration(expire) if expire else float("inf")
+        except ValueError as exc:
+            raise StepFailed(f"CacheConfig.ExpireAfter: {exc}") from None
+        newer_than = time.time() - window if window != float("inf") else 0.0
+        hit = self.records.find_cached(self.pipeline_name, step.name, key, newer_than)
+        if hit and hit["execution_id"] == execution["execution_id"]:
+            hit = None
+        if hit and not self._outputs_exist(hit.get("properties") or {}):
+            logger.info("cache entry of %s from %s has lost its outputs; rerunning", step.name, hit["execution_id"])
+            hit = None
+        return key, hit
+
+    def _outputs_exist(self, properties: Mapping[str, Any]) -> bool:
+        uris: list[str] = []
+        model = (properties.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
+        if model:
+            uris.append(model)
+        for output in ((properties.get("ProcessingOutputConfig") or {}).get("Outputs") or {}).values():
+            uris.append(output["S3Output"]["S3Uri"])
+        return all(self.artifacts.exists(u) for u in uris)
+
+    def _job_name(self, execution_id: str, step: StepDef, attempt: int, limit: int = 63) -> str:
+        suffix = hashlib.sha1(f"{execution_id}/{step.name}/{attempt}".encode()).hexdigest()[:6]
+        head = f"pipelines-{execution_id[:12]}-"
+        room = limit - len(head) - len(suffix) - 1
+        return f"{head}{_slug(step.name, room)}-{suffix}"
+
+    def _run_cached(self, execution: Mapping[str, Any], step: StepDef, run: Callable[[dict[str, Any]], dict]
+                    ) -> tuple[dict[str, Any], str | None]:
+        execution_id = execution["execution_id"]
+        key, hit = self._cache_lookup(execution, step)
+        arguments = resolver.resolve(step.arguments, self._context(execution))
+        self.records.set_step_arguments(execution_id, step.name, arguments, key)
+        if hit:
+            logger.info("step %s: cache hit from execution %s", step.name, hit["execution_id"])
+            return hit["properties"], hit["execution_id"]
+        return run(arguments), None
+
+    # --- step types -------------------------------------------------------------------------------------------
+    def _step_processing(self, execution, step, ctx, job_dir, log_path, attempt):  # noqa: ANN001
+        execution_id = execution["execution_id"]
+
+        def run(arguments: dict[str, Any]) -> dict[str, Any]:
+            return jobs.run_processing_job(arguments, self._job_name(execution_id, step, attempt), job_dir,
+                                           self.artifacts, log_path,
+                                           on_line=self._line_observer(execution_id, step.name), control=self.control)
+        return self._run_cached(execution, step, run)
+
+    def _step_training(self, execution, step, ctx, job_dir, log_path, attempt):  # noqa: ANN001
+        execution_id = execution["execution_id"]
+
+        def run(arguments: dict[str, Any]) -> dict[str, Any]:
+            debugging = any(arguments.get(k) for k in ("DebugHookConfig", "DebugRuleConfigurations",
+                                                       "ProfilerConfig", "ProfilerRuleConfigurations"))
+            debugger = _debugger_module() if debugging else None
+
+            def prepare(path: Path) -> Mapping[str, str] | None:
+                return debugger.write_hook_config(arguments, path) if debugger else None
+
+            result = jobs.run_training_job(arguments, self._job_name(execution_id, step, attempt), job_dir,
+                                           self.artifacts, log_path,
+                                           on_line=self._line_observer(execution_id, step.name),
+                                           control=self.control, prepare=prepare)
+            if debugger is not None:
+                result.update(_evaluate_debugger(debugger, arguments, Path(result["LocalJobDir"]), log_path))
+            return result
+        return self._run_cached(execution, step, run)
+
+    def _step_tuning(self, execution, step, ctx, job_dir, log_path, attempt):  # noqa: ANN001
+        from pipelines.local import tuner
+
+        execution_id = execution["execution_id"]
+        name = f"{execution_id[:12]}-{_slug(step.name, 14)}-{attempt}"[:32]
+
+        def run(arguments: dict[str, Any]) -> dict[str, Any]:
+            try:
+                return tuner.run_tuning_job(arguments, name, job_dir, self.artifacts, execution_id=execution_id,
+                                            step_name=step.name, records=self.records, control=self.control,
+                                            on_message=self._message(execution_id, step.name), log_path=log_path)
+            except tuner.TuningError as exc:
+                raise StepFailed(str(exc)) from exc
+        return self._run_cached(execution, step, run)
+
+    def _step_condition(self, execution, step, ctx, job_dir, log_path, attempt):  # noqa: ANN001
+        conditions = step.arguments.get("Conditions") or []
+        evaluations = []
+        for condition in conditions:
+            outcome = resolver.evaluate_condition(condition, ctx)
+            entry: dict[str, Any] = {"Type": condition.get("Type"), "Outcome": outcome}
+            for key in ("LeftValue", "RightValue", "QueryValue"):
+                if key in condition:
+                    try:
+                        entry[key] = resolver.resolve(condition[key], ctx)
+                    except resolver.ResolutionError:
+                        pass
+            evaluations.append(entry)
+        outcome = all(e["Outcome"] for e in evaluations)
+        with open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(f"[engine] conditions {json.dumps(evaluations, default=str)} -> {outcome}\n")
+        return {"Outcome": outcome, "EvaluatedConditions": evaluations}
+
+    def _step_fail(self, execution, step, ctx, job_dir, log_path, attempt):  # noqa: ANN001
+        message = resolver.resolve(step.arguments.get("ErrorMessage", ""), ctx)
+        raise StepFailed(str(message) if message not in (None, "") else f"FailStep {step.name} reached")
+
+    def _step_registermodel(self, execution, step, ctx, job_dir, log_path, attempt):  # noqa: ANN001
+        from pipelines.local import registry
+
+        arguments = resolver.resolve(step.arguments, ctx)
+        self.records.set_step_arguments(execution["execution_id"], step.name, arguments, None)
+        try:
+            created = registry.create_model_package(arguments)
+        except Exception as exc:  # botocore ParamValidationError, RegistryError
+            raise StepFailed(f"CreateModelPackage failed: {exc}") from exc
+        described = registry.get_package(created["ModelPackageArn"]).describe()
+        with open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(f"[engine] registered {created['ModelPackageArn']} "
+                     f"({described.get('ModelApprovalStatus')})\n")
+        return {**described, "ModelPackageArn": created["ModelPackageArn"]}
+
+    def _step_lambda(self, execution, step, ctx, job_dir, log_path, attempt):  # noqa: ANN001
+        fn_name = function_name(str(step.spec.get("FunctionArn", "")))
+        function = LAMBDA_FUNCTIONS[fn_name]
+        event = resolver.resolve(step.arguments, ctx)
+        self.records.set_step_arguments(execution["execution_id"], step.name, event, None)
+        with open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(f"[engine] invoking {fn_name} with {json.dumps(event, default=str)}\n")
+        handler = logging.FileHandler(log_path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        try:
+            result = function(event)
+        except Exception as exc:
+            raise StepFailed(f"Lambda function {fn_name} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            root.removeHandler(handler)
+            handler.close()
+        with open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(f"[engine] {fn_name} returned {json.dumps(result, default=str)}\n")
+        if not isinstance(result, dict):
+            raise StepFailed(f"Lambda function {fn_name} returned {type(result).__name__}, expected a JSON object")
+        outputs: dict[str, Any] = {}
+        for spec in step.spec.get("OutputParameters") or []:
+            out_name, out_type = spec["OutputName"], spec.get("OutputType", "String")
+            if out_name not in result:
+                raise StepFailed(f"Lambda function {fn_name} output has no {out_name!r} "
+                                 f"(declared in OutputParameters; got {sorted(result)})")
+            value = result[out_name]
+            if value is None:
+                outputs[out_name] = ""
+            elif out_type == "Integer":
+                outputs[out_name] = int(value)
+            elif out_type == "Float":
+                outputs[out_name] = float(value)
+            elif out_type == "Boolean":
+                outputs[out_name] = bool(value)
+            else:
+                outputs[out_name] = value if isinstance(value, str) else json.dumps(value, default=str)
+        return {"OutputParameters": outputs, "Output": result}
+
+
+def _debugger_module() -> Any | None:
+    try:
+        from pipelines.local import debugger
+    except ImportError as exc:
+        logger.warning("Debugger/Profiler configuration ignored: pipelines.local.debugger unavailable (%s)", exc)
+        return None
+    return debugger
+
+
+def _evaluate_debugger(debugger: Any, request: Mapping[str, Any], job_dir: Path, log_path: Path) -> dict[str, Any]:
+    """Evaluate the Debugger/Profiler rules after training; never fails the step (as on SageMaker)."""
+    try:
+        statuses = list(debugger.evaluate_rules(dict(request), job_dir))
+    except Exception as exc:  # noqa: BLE001
+        logger.exception("Debugger rule evaluation failed")
+        statuses = [{"RuleConfigurationName": "DebuggerRules", "RuleEvaluationStatus": "Error",
+                     "StatusDetails": f"{type(exc).__name__}: {exc}"}]
+    profiler_names = {r.get("RuleConfigurationName") for r in request.get("ProfilerRuleConfigurations") or []}
+    result: dict[str, Any] = {
+        "DebugRuleEvaluationStatuses": [s for s in statuses if s.get("RuleConfigurationName") not in profiler_names],
+        "ProfilerRuleEvaluationStatuses": [s for s in statuses if s.get("RuleConfigurationName") in profiler_names],
+    }
+    writer = getattr(debugger, "write_profiler_report", None)
+    existing = getattr(debugger, "report_path", None)
+    if existing is not None and Path(existing(job_dir)).is_file():
+        result["ProfilerReport"] = str(existing(job_dir))  # the ProfilerReport rule already wrote it
+    elif writer is not None:
+        try:
+            result["ProfilerReport"] = str(writer(job_dir, statuses))
+        except Exception:  # noqa: BLE001
+            logger.exception("profiler report failed")
+    with open(log_path, "a", encoding="utf-8") as fh:
+        for status in statuses:
+            fh.write(f"[debugger] {status.get('RuleConfigurationName')}: {status.get('RuleEvaluationStatus')} "
+                     f"{status.get('StatusDetails', '')}\n")
+        if result.get("ProfilerReport"):
+            fh.write(f"[profiler] report: {result['ProfilerReport']}\n")
+    return result
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return False
+    try:
+        import psutil
+
+        return psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
+    except Exception:  # noqa: BLE001
+        return True
