@@ -66,6 +66,7 @@ import random
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -431,14 +432,12 @@ def _to_device(images: torch.Tensor, targets: torch.Tensor, ctx: _Context) -> tu
     return images, targets.to(ctx.device, non_blocking=True)
 
 
-def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                    epoch: int, ctx: _Context) -> dict[str, float]:
-    """One pass over ``loader``; returns ``{"loss", "accuracy", "samples"}`` (sample-weighted)."""
-    model.train()
-    debugger.set_mode(ctx.hook, "train")
-    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
-    samples = 0
+def _timed_batches(loader: DataLoader, epoch: int, mode: str, ctx: _Context
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield device batches of ``loader``, recording data-loading vs compute time per step and skipped files.
+
+    The caller's work on a batch (forward, backward, step) happens between the ``yield`` and the timer stop.
+    """
     last = time.perf_counter()
     for step, (images, targets, bad) in enumerate(loader, start=1):
         data_time = time.perf_counter() - last
@@ -448,52 +447,61 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
             continue
         start = ctx.timer.start()
         images, targets = _to_device(images, targets, ctx)
+        yield images, targets
+        ctx.timer.stop(start, epoch=epoch, step=step, mode=mode, data_time_s=data_time, batch_size=targets.shape[0])
+        last = time.perf_counter()
+
+
+class _Tally:
+    """Sample-weighted loss and accuracy, accumulated on the device (no per-step host sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.samples = 0
+
+    def add(self, loss: torch.Tensor, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        batch = targets.shape[0]
+        self.loss_sum += loss.detach().double() * batch
+        self.correct += (outputs.detach().argmax(dim=1) == targets).sum()
+        self.samples += batch
+
+    def result(self, what: str) -> dict[str, float]:
+        if self.samples == 0:
+            raise RuntimeError(f"no readable {what} image")
+        return {"loss": self.loss_sum.item() / self.samples, "accuracy": self.correct.item() / self.samples,
+                "samples": self.samples}
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+                    epoch: int, ctx: _Context) -> dict[str, float]:
+    """One pass over ``loader``; returns ``{"loss", "accuracy", "samples"}`` (sample-weighted)."""
+    model.train()
+    debugger.set_mode(ctx.hook, "train")
+    tally = _Tally(ctx.device)
+    for images, targets in _timed_batches(loader, epoch, "train", ctx):
         with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
             outputs = model(images)
             loss = criterion(outputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        batch = targets.shape[0]
-        loss_sum += loss.detach().double() * batch
-        correct += (outputs.detach().argmax(dim=1) == targets).sum()
-        samples += batch
-        ctx.timer.stop(start, epoch=epoch, step=step, mode="train", data_time_s=data_time, batch_size=batch)
-        last = time.perf_counter()
-    if samples == 0:
-        raise RuntimeError("no readable training image in this epoch")
-    return {"loss": loss_sum.item() / samples, "accuracy": correct.item() / samples, "samples": samples}
+        tally.add(loss, outputs, targets)
+    return tally.result("training")
 
 
 def evaluate(model: nn.Module, criterion: nn.Module, loader: DataLoader, epoch: int, ctx: _Context) -> dict[str, float]:
     """Loss and accuracy over ``loader`` without gradients; returns ``{"loss", "accuracy", "samples"}``."""
     model.eval()
     debugger.set_mode(ctx.hook, "eval")
-    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
-    samples = 0
-    last = time.perf_counter()
+    tally = _Tally(ctx.device)
     with torch.no_grad():
-        for step, (images, targets, bad) in enumerate(loader, start=1):
-            data_time = time.perf_counter() - last
-            ctx.bad_files.add(bad)
-            if images is None:
-                last = time.perf_counter()
-                continue
-            start = ctx.timer.start()
-            images, targets = _to_device(images, targets, ctx)
+        for images, targets in _timed_batches(loader, epoch, "eval", ctx):
             with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
                 outputs = model(images)
                 loss = criterion(outputs, targets)
-            batch = targets.shape[0]
-            loss_sum += loss.double() * batch
-            correct += (outputs.argmax(dim=1) == targets).sum()
-            samples += batch
-            ctx.timer.stop(start, epoch=epoch, step=step, mode="eval", data_time_s=data_time, batch_size=batch)
-            last = time.perf_counter()
-    if samples == 0:
-        raise RuntimeError("no readable validation image")
-    return {"loss": loss_sum.item() / samples, "accuracy": correct.item() / samples, "samples": samples}
+            tally.add(loss, outputs, targets)
+    return tally.result("validation")
 
 
 def select_device(args: argparse.Namespace) -> torch.device:

@@ -129,6 +129,11 @@ def package_arn(group: str, version: int) -> str:
     return f"{ARN_PREFIX}:model-package/{group.lower()}/{int(version)}"
 
 
+#: The ``ModelPackageSummary`` members of a ``DescribeModelPackage`` response.
+SUMMARY_KEYS = ("ModelPackageName", "ModelPackageGroupName", "ModelPackageVersion", "ModelPackageArn", "CreationTime",
+                "ModelPackageStatus", "ModelApprovalStatus", "ModelPackageDescription")
+
+
 def to_datetime(epoch: float | None) -> datetime | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, tz=UTC)
 
@@ -246,19 +251,9 @@ class ModelPackage:
         return out
 
     def summary(self) -> dict[str, Any]:
-        """``ModelPackageSummary`` as ``ListModelPackages`` returns it."""
-        out: dict[str, Any] = {
-            "ModelPackageName": self.group,
-            "ModelPackageGroupName": self.group,
-            "ModelPackageVersion": self.version,
-            "ModelPackageArn": self.arn,
-            "CreationTime": to_datetime(self.creation_time),
-            "ModelPackageStatus": self.status,
-            "ModelApprovalStatus": self.approval_status,
-        }
-        if self.description:
-            out["ModelPackageDescription"] = self.description
-        return out
+        """``ModelPackageSummary`` as ``ListModelPackages`` returns it (a subset of ``describe()``)."""
+        described = self.describe()
+        return {key: described[key] for key in SUMMARY_KEYS if key in described}
 
 
 # ------------------------------------------------------------------------------------------------------ groups
