@@ -9,7 +9,7 @@ is built, so the SageMaker SDK never uploads anything and the definition only ho
 - ``s3://{bucket}/{prefix}/code/{sha}/src/...`` -- the same files unpacked; processing jobs mount the prefix at
   ``/opt/ml/processing/input/code``.
 - ``s3://{bucket}/{prefix}/code/{sha}/serving.tar.gz`` -- ``inference.py`` at the root plus
-  ``training/{__init__,model,archives}.py``: the serving container's ``SAGEMAKER_SUBMIT_DIRECTORY``.
+  ``training/{__init__,model,archives,images}.py``: the serving container's ``SAGEMAKER_SUBMIT_DIRECTORY``.
 
 Tarballs are byte-for-byte reproducible (sorted members, mtime 0, uid/gid 0, fixed modes, gzip header without
 name or time), and ``sha`` is a sha256 over every bundled path and its content, so the same sources always give

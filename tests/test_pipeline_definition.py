@@ -412,7 +412,8 @@ def test_bundles_are_reproducible_and_follow_the_contract(bundles):
     if "training/requirements.txt" in names:
         assert "requirements.txt" in names
     serving = sorted(m.name for m in _members(bundles.serving))
-    assert serving == ["inference.py", "training/__init__.py", "training/archives.py", "training/model.py"]
+    assert serving == ["inference.py", "training/__init__.py", "training/archives.py", "training/images.py",
+                       "training/model.py"]
 
 
 def test_sha_changes_with_content_and_ignores_caches(tmp_path):
