@@ -36,8 +36,10 @@ test: lint pytest
 run: $(STAMP)
 	$(PY) -m pipelines.demo
 
+# Sized for a 2-core CPU; run the scripts directly with their defaults (see --help) on a GPU machine.
 benchmark: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_dataloading.py --images 120 --epochs 1
+	$(PY) benchmarks/bench_training.py --arch resnet18 --image-size 64 --images-per-class 32 --epochs 1 --workers 1 --batch-size 32
 
 clean:
 	rm -rf .mlops .pytest_cache .ruff_cache
