@@ -201,6 +201,9 @@ def test_loss_not_decreasing_flags_a_diverging_run_and_passes_a_healthy_one(runs
     assert healthy[0]["RuleEvaluationStatus"] == "NoIssuesFound", healthy
     for status in (*diverged, *healthy):
         assert set(status) == {"RuleConfigurationName", "RuleEvaluationStatus", "StatusDetails", "LastModifiedTime"}
+    # smdebug's own log lines land in the job's rule log, as a rule job's CloudWatch stream would hold them.
+    rule_log = (runs["diverge"] / debugger.RULES_LOG).read_text()
+    assert "Started execution of rule LossNotDecreasing" in rule_log
 
 
 @pytest.mark.slow

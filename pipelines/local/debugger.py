@@ -13,11 +13,12 @@ The rule implementations live in :mod:`pipelines.local.rules`; the report in :mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -173,8 +174,10 @@ class _TrialCache:
             else:
                 end_marker = self.path / END_OF_JOB_FILENAME
                 if not end_marker.exists():
-                    # The job has exited; without the marker smdebug would wait for more steps forever.
-                    log.warning("%s lacks %s (hook not closed); marking the job ended", self.path, END_OF_JOB_FILENAME)
+                    # smdebug skips this marker when TRAINING_JOB_NAME is set (is_sagemaker_job(): on SageMaker the
+                    # rule containers learn the end from the job status). The job has exited, so the engine marks it;
+                    # without the marker smdebug would wait for more steps forever.
+                    log.info("training job ended: writing %s under %s", END_OF_JOB_FILENAME, self.path)
                     end_marker.write_text(str(time.time()))
                 from smdebug.trials import create_trial
 
@@ -254,10 +257,42 @@ def _evaluate_one(
         return _status(name, ERROR, f"Rule evaluation failed: {type(exc).__name__}: {exc}")
 
 
+RULES_LOG = "rule-output/rules.log"
+
+
+@contextlib.contextmanager
+def _smdebug_log_to(path: Path) -> Iterator[None]:
+    """Send smdebug's own log lines (trial loading, rule invocations) to ``path`` instead of stdout, the way a
+    SageMaker rule job's output goes to its CloudWatch log stream rather than the training job's."""
+    # smdebug logs at import time through a stdout handler it creates then; keep that quiet unless asked for.
+    os.environ.setdefault("SMDEBUG_LOG_LEVEL", "warning")
+    from smdebug.core.logger import get_logger
+
+    smdebug_logger = get_logger()
+    saved_handlers, saved_level = list(smdebug_logger.handlers), smdebug_logger.level
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    smdebug_logger.handlers = [handler]
+    smdebug_logger.setLevel(min(saved_level or logging.INFO, logging.INFO))
+    try:
+        yield
+    finally:
+        smdebug_logger.handlers = saved_handlers
+        smdebug_logger.setLevel(saved_level)
+        handler.close()
+
+
 def evaluate_rules_by_kind(training_request: dict, job_dir: Path) -> dict[str, list[dict[str, str]]]:
     """Like :func:`evaluate_rules`, split as DescribeTrainingJob shows them: ``DebugRuleEvaluationStatuses`` and
-    ``ProfilerRuleEvaluationStatuses``. ProfilerReport runs last so its report includes every other finding."""
+    ``ProfilerRuleEvaluationStatuses``. ProfilerReport runs last so its report includes every other finding.
+    smdebug's log lines go to ``<job_dir>/rule-output/rules.log``."""
     job_dir = Path(job_dir)
+    with _smdebug_log_to(job_dir / RULES_LOG):
+        return _evaluate_rules_by_kind(training_request, job_dir)
+
+
+def _evaluate_rules_by_kind(training_request: dict, job_dir: Path) -> dict[str, list[dict[str, str]]]:
     trials = _TrialCache(_tensor_location(job_dir))
     debug = [
         _evaluate_one(c, job_dir, trials, [])
