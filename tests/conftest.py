@@ -10,6 +10,8 @@ import torch
 # Subprocesses (trainer, evaluation, endpoints) inherit this: on 2 cores OpenMP threads spin against each
 # other and make small CPU jobs several times slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The v2 SDK is what this project targets on purpose (the sagemaker.workflow API); as in the Makefile.
+os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -163,3 +163,22 @@ def test_threshold_not_met_ends_at_the_fail_step_with_cached_jobs(runs):
         assert steps[name]["status"] == "Succeeded"
         assert steps[name]["cached_from"] == runs["first"]["execution_id"], name
     assert runs["records"].trials(second["execution_id"]) == []
+
+
+def test_describe_shows_steps_rule_results_and_trials(runs, capsys, monkeypatch):
+    from pipelines import run
+    from pipelines.local import cli
+
+    monkeypatch.setattr(cli.console, "width", 200)  # rich folds long cells at 80 columns when not on a terminal
+    assert run.main(["describe", runs["first"]["execution_id"]]) == 0
+    out = capsys.readouterr().out
+    assert f"{runs['first']['execution_id']}" in out and "status=Succeeded" in out
+    steps = _steps(runs, "first")
+    statuses = {r["RuleConfigurationName"]: r["RuleEvaluationStatus"] for r in steps["TrainBestModel"]["rule_statuses"]}
+    assert {"LossNotDecreasing", "Overfit", "ProfilerReport"} <= set(statuses)
+    assert "Debugger and Profiler rules" in out
+    for rule, status in statuses.items():
+        assert any(rule in line and status in line for line in out.splitlines()), (rule, status)
+    assert "Tuning trials" in out
+    for trial in runs["records"].trials(runs["first"]["execution_id"]):
+        assert trial["job_name"] in out

@@ -254,12 +254,20 @@ def _cmd_describe(args: argparse.Namespace, build_definition: BuildDefinition) -
             details = f"cache hit from {step['cached_from']}"
         elif not details and step.get("properties"):
             details = _step_details(step)
-        if step.get("rule_statuses"):
-            details += ("\n" if details else "") + "\n".join(
-                f"{r.get('RuleConfigurationName')}: {r.get('RuleEvaluationStatus')}" for r in step["rule_statuses"])
         table.add_row(step["step_name"], step["step_type"], step["status"], str(step["attempt"]), duration,
                       details, step.get("log_path") or "")
     console.print(table)
+    rules = [(step["step_name"], r) for step in records.steps(execution_id) for r in step.get("rule_statuses") or []]
+    if rules:
+        rtable = Table(title="Debugger and Profiler rules")
+        for col in ("Step", "Rule", "Status", "Details"):
+            rtable.add_column(col, overflow="fold")
+        for step_name, r in rules:
+            status = str(r.get("RuleEvaluationStatus"))
+            style = {"IssuesFound": "yellow", "Error": "red"}.get(status, "green")
+            rtable.add_row(step_name, str(r.get("RuleConfigurationName")), f"[{style}]{status}[/{style}]",
+                           str(r.get("StatusDetails") or ""))
+        console.print(rtable)
     trials = records.trials(execution_id)
     if trials:
         ttable = Table(title="Tuning trials")
