@@ -247,7 +247,8 @@ def _cmd_describe(args: argparse.Namespace, build_definition: BuildDefinition) -
     table = Table(title="Steps")
     for col in ("Step", "Type", "Status", "Attempt", "Duration", "Details", "Log"):
         table.add_column(col, overflow="fold")
-    for step in records.steps(execution_id):
+    steps = records.steps(execution_id)
+    for step in steps:
         duration = f"{step['ended_at'] - step['started_at']:.0f}s" if step["started_at"] and step["ended_at"] else ""
         details = step.get("failure_reason") or ""
         if step.get("cached_from"):
@@ -257,7 +258,7 @@ def _cmd_describe(args: argparse.Namespace, build_definition: BuildDefinition) -
         table.add_row(step["step_name"], step["step_type"], step["status"], str(step["attempt"]), duration,
                       details, step.get("log_path") or "")
     console.print(table)
-    rules = [(step["step_name"], r) for step in records.steps(execution_id) for r in step.get("rule_statuses") or []]
+    rules = [(step["step_name"], r) for step in steps for r in step.get("rule_statuses") or []]
     if rules:
         rtable = Table(title="Debugger and Profiler rules")
         for col in ("Step", "Rule", "Status", "Details"):

@@ -585,23 +585,20 @@ def _debugger_module() -> Any | None:
 def _evaluate_debugger(debugger: Any, request: Mapping[str, Any], job_dir: Path, log_path: Path) -> dict[str, Any]:
     """Evaluate the Debugger/Profiler rules after training; never fails the step (as on SageMaker)."""
     try:
-        statuses = list(debugger.evaluate_rules(dict(request), job_dir))
+        result: dict[str, Any] = debugger.evaluate_rules_by_kind(dict(request), job_dir)
     except Exception as exc:  # noqa: BLE001
         logger.exception("Debugger rule evaluation failed")
-        statuses = [{"RuleConfigurationName": "DebuggerRules", "RuleEvaluationStatus": "Error",
-                     "StatusDetails": f"{type(exc).__name__}: {exc}"}]
-    profiler_names = {r.get("RuleConfigurationName") for r in request.get("ProfilerRuleConfigurations") or []}
-    result: dict[str, Any] = {
-        "DebugRuleEvaluationStatuses": [s for s in statuses if s.get("RuleConfigurationName") not in profiler_names],
-        "ProfilerRuleEvaluationStatuses": [s for s in statuses if s.get("RuleConfigurationName") in profiler_names],
-    }
-    writer = getattr(debugger, "write_profiler_report", None)
-    existing = getattr(debugger, "report_path", None)
-    if existing is not None and Path(existing(job_dir)).is_file():
-        result["ProfilerReport"] = str(existing(job_dir))  # the ProfilerReport rule already wrote it
-    elif writer is not None:
+        result = {"DebugRuleEvaluationStatuses": [{"RuleConfigurationName": "DebuggerRules",
+                                                   "RuleEvaluationStatus": "Error",
+                                                   "StatusDetails": f"{type(exc).__name__}: {exc}"}],
+                  "ProfilerRuleEvaluationStatuses": []}
+    statuses = result["DebugRuleEvaluationStatuses"] + result["ProfilerRuleEvaluationStatuses"]
+    report = Path(debugger.report_path(job_dir))
+    if report.is_file():  # the ProfilerReport rule already wrote it
+        result["ProfilerReport"] = str(report)
+    else:
         try:
-            result["ProfilerReport"] = str(writer(job_dir, statuses))
+            result["ProfilerReport"] = str(debugger.write_profiler_report(job_dir, statuses))
         except Exception:  # noqa: BLE001
             logger.exception("profiler report failed")
     with open(log_path, "a", encoding="utf-8") as fh:
