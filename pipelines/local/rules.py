@@ -101,6 +101,23 @@ def _fmt(value: float) -> str:
 # tensor rules
 
 
+@dataclass
+class _Plateau:
+    """The best (lowest) value so far and how many updates have passed since one beat it by more than ``delta``."""
+
+    delta: float = 0.0
+    best: float = math.inf
+    wait: int = 0
+
+    def update(self, value: float) -> bool:
+        """Record ``value``; True when it is a new optimum (the wait restarts)."""
+        if value < self.best - self.delta:
+            self.best, self.wait = value, 0
+            return True
+        self.wait += 1
+        return False
+
+
 class _TensorRule(Rule):
     """Common plumbing: parameter dict, findings/notes, loss tensor selection, mode lookup."""
 
@@ -297,10 +314,8 @@ class Overtraining(_TensorRule):
         self.losses = self._loss_names(self.tensor_regex)
         self._phases = _phases(base_trial, self.losses)
         self._phase_end = {steps[-1]: i for i, (_, steps, _) in enumerate(self._phases)}
-        self._best_train = math.inf
-        self._train_wait = 0
-        self._best_val = math.inf
-        self._val_wait = 0
+        self._train = _Plateau(self.delta)
+        self._val = _Plateau(self.delta)
         self.notes.append(f"losses {self.losses or 'none found'}; delta {self.delta:g}")
 
     def invoke_at_step(self, step: int) -> bool:
@@ -311,27 +326,21 @@ class Overtraining(_TensorRule):
                 return False
             loss = float(np.mean(values))
             self.evaluations += 1
-            if loss < self._best_train - self.delta:
-                self._best_train, self._train_wait = loss, 0
-            else:
-                self._train_wait += 1
-            if self._train_wait >= self.patience_train:
+            self._train.update(loss)
+            if self._train.wait >= self.patience_train:
                 self.findings.append(
-                    f"training loss has not improved by more than delta {self.delta:g} below {_fmt(self._best_train)} "
-                    f"for {self._train_wait} training steps (patience_train {self.patience_train}); at step {step}"
+                    f"training loss has not improved by more than delta {self.delta:g} below {_fmt(self._train.best)} "
+                    f"for {self._train.wait} training steps (patience_train {self.patience_train}); at step {step}"
                 )
                 return True
         elif mode == ModeKeys.EVAL and step in self._phase_end:
             _, steps, loss = self._phases[self._phase_end[step]]
             self.evaluations += 1
-            if loss < self._best_val - self.delta:
-                self._best_val, self._val_wait = loss, 0
-            else:
-                self._val_wait += 1
-            if self._val_wait >= self.patience_validation:
+            self._val.update(loss)
+            if self._val.wait >= self.patience_validation:
                 self.findings.append(
-                    f"validation loss has not improved by more than delta {self.delta:g} below {_fmt(self._best_val)} "
-                    f"for {self._val_wait} validation passes (patience_validation {self.patience_validation})"
+                    f"validation loss has not improved by more than delta {self.delta:g} below {_fmt(self._val.best)} "
+                    f"for {self._val.wait} validation passes (patience_validation {self.patience_validation})"
                 )
                 return True
         return False
@@ -386,8 +395,7 @@ class PoorWeightInitialization(_TensorRule):
         grads = base_trial.tensor_names(collection="gradients") if "gradients" in collections else []
         self.gradients = sorted(set(grads) | set(base_trial.tensor_names(regex="^gradient/")))
         self.losses = self._loss_names([])
-        self._best_loss = math.inf
-        self._loss_wait = 0
+        self._loss = _Plateau()
         self.notes.append(
             f"{len(self.activations)} activation inputs, {len(self.gradients)} gradients, first {self.steps} steps"
         )
@@ -429,16 +437,12 @@ class PoorWeightInitialization(_TensorRule):
         if losses and self._mode_of(step) in (ModeKeys.TRAIN, ModeKeys.GLOBAL):
             loss = float(np.mean(losses))
             self.evaluations += 1
-            if loss < self._best_loss:
-                self._best_loss, self._loss_wait = loss, 0
-            else:
-                self._loss_wait += 1
-                if self._loss_wait >= self.patience:
-                    self.findings.append(
-                        f"loss did not improve on {_fmt(self._best_loss)} for {self._loss_wait} steps in the first "
-                        f"{self.steps} steps (patience {self.patience})"
-                    )
-                    return True
+            if not self._loss.update(loss) and self._loss.wait >= self.patience:
+                self.findings.append(
+                    f"loss did not improve on {_fmt(self._loss.best)} for {self._loss.wait} steps in the first "
+                    f"{self.steps} steps (patience {self.patience})"
+                )
+                return True
         return False
 
 

@@ -144,6 +144,14 @@ class LocalSageMakerClient:
             row = conn.execute(f"SELECT * FROM {table} WHERE name = ?", (name,)).fetchone()
         return dict(row) if row else None
 
+    def _delete(self, operation: str, table: str, name: str, arn: str, not_found: str) -> dict[str, Any]:
+        """Delete a named resource row and its tags; ``not_found`` is the service's message when there is none."""
+        with self._db(write=True) as conn:
+            if conn.execute(f"DELETE FROM {table} WHERE name = ?", (name,)).rowcount == 0:
+                raise _client_error(operation, not_found)
+            conn.execute("DELETE FROM sm_tags WHERE resource_arn = ?", (arn,))
+        return _response({})
+
     # --------------------------------------------------------------------------------------- model registry
 
     def create_model_package_group(self, **params: Any) -> dict[str, Any]:
@@ -267,12 +275,8 @@ class LocalSageMakerClient:
 
     def delete_model(self, **params: Any) -> dict[str, Any]:
         self._validate("DeleteModel", params)
-        name = params["ModelName"]
-        with self._db(write=True) as conn:
-            if conn.execute("DELETE FROM sm_models WHERE name = ?", (name,)).rowcount == 0:
-                raise _client_error("DeleteModel", f'Could not find model "{model_arn(name)}".')
-            conn.execute("DELETE FROM sm_tags WHERE resource_arn = ?", (model_arn(name),))
-        return _response({})
+        arn = model_arn(params["ModelName"])
+        return self._delete("DeleteModel", "sm_models", params["ModelName"], arn, f'Could not find model "{arn}".')
 
     # --------------------------------------------------------------------------------------- endpoint configs
 
@@ -317,13 +321,9 @@ class LocalSageMakerClient:
 
     def delete_endpoint_config(self, **params: Any) -> dict[str, Any]:
         self._validate("DeleteEndpointConfig", params)
-        name = params["EndpointConfigName"]
-        with self._db(write=True) as conn:
-            if conn.execute("DELETE FROM sm_endpoint_configs WHERE name = ?", (name,)).rowcount == 0:
-                raise _client_error("DeleteEndpointConfig",
-                                    f'Could not find endpoint configuration "{endpoint_config_arn(name)}".')
-            conn.execute("DELETE FROM sm_tags WHERE resource_arn = ?", (endpoint_config_arn(name),))
-        return _response({})
+        arn = endpoint_config_arn(params["EndpointConfigName"])
+        return self._delete("DeleteEndpointConfig", "sm_endpoint_configs", params["EndpointConfigName"], arn,
+                            f'Could not find endpoint configuration "{arn}".')
 
     # ---------------------------------------------------------------------------------------------- endpoints
 
