@@ -22,6 +22,13 @@ INSTALL_REQUIRES = [
     "rich>=13.0",
     "matplotlib>=3.8",
     "PyYAML>=6.0",
+    # SageMaker's own open-source container toolkits: local jobs and endpoints run through them (docs/CONTRACTS.md).
+    # sagemaker-training 4.8.3 is the newest that both allows protobuf<=3.20.3 (smdebug) and that the PyTorch
+    # training toolkit 2.9.0 accepts; 5.x needs protobuf>=5.28.
+    "sagemaker-training==4.8.3",
+    "sagemaker-pytorch-training==2.9.0",
+    "sagemaker-inference==1.10.1",
+    "sagemaker-pytorch-inference==2.0.25",
 ]
 
 EXTRAS_REQUIRE = {
@@ -32,6 +39,9 @@ EXTRAS_REQUIRE = {
         "moto[s3,sagemaker,awslambda,events,iam,cloudformation]>=5.2,<6",
         "cfn-lint>=1.0",
         "playwright>=1.45",
+        # Real TorchServe (Java frontend + Python worker) for the serving-fidelity test (Java: make's `java` target).
+        "torchserve==0.12.0",
+        "torch-model-archiver==0.12.0",
     ],
 }
 

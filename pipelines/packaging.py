@@ -8,8 +8,9 @@ is built, so the SageMaker SDK never uploads anything and the definition only ho
   training toolkit pip-installs it). The estimators' ``sagemaker_submit_directory``.
 - ``s3://{bucket}/{prefix}/code/{sha}/src/...`` -- the same files unpacked; processing jobs mount the prefix at
   ``/opt/ml/processing/input/code``.
-- ``s3://{bucket}/{prefix}/code/{sha}/serving.tar.gz`` -- ``inference.py`` at the root plus
-  ``training/{__init__,model,archives,images}.py``: the serving container's ``SAGEMAKER_SUBMIT_DIRECTORY``.
+
+There is no serving bundle: the trainer copies the handler into ``model.tar.gz`` under ``code/``
+(:mod:`training.serving_code`), the only place the SageMaker PyTorch inference containers look for it.
 
 Tarballs are byte-for-byte reproducible (sorted members, mtime 0, uid/gid 0, fixed modes, gzip header without
 name or time), and ``sha`` is a sha256 over every bundled path and its content, so the same sources always give
@@ -27,17 +28,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from training.serving_code import SERVING_FILES
+
 logger = logging.getLogger(__name__)
 
 #: Top-level packages shipped to the processing and training jobs.
 SOURCE_PACKAGES = ("training", "steps", "inference")
-#: Files of the serving bundle besides ``inference.py`` (which goes to its root).
-SERVING_EXTRA_FILES = ("training/__init__.py", "training/model.py", "training/archives.py",
-                       "training/images.py")
-SERVING_HANDLER = "inference/inference.py"
 REQUIREMENTS = "training/requirements.txt"
 #: Bump when the layout of the bundles changes, so the content address changes with it.
-BUNDLE_LAYOUT_VERSION = "1"
+BUNDLE_LAYOUT_VERSION = "2"
 
 _SKIP_DIRS = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
 _SKIP_SUFFIXES = {".pyc", ".pyo", ".tmp", ".swp"}
@@ -50,7 +49,6 @@ class CodeBundles:
     sha: str
     files: Mapping[str, bytes] = field(repr=False)
     sourcedir: bytes = field(repr=False)
-    serving: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -61,7 +59,6 @@ class CodeLocations:
     root: str  # s3://bucket/prefix/code/{sha}
     sourcedir: str  # .../sourcedir.tar.gz   (training: sagemaker_submit_directory)
     src_prefix: str  # .../src/              (processing: ProcessingInput at /opt/ml/processing/input/code)
-    serving: str  # .../serving.tar.gz       (Model: SAGEMAKER_SUBMIT_DIRECTORY)
 
     def src_file(self, relpath: str) -> str:
         return f"{self.src_prefix}{relpath}"
@@ -85,9 +82,9 @@ def collect_files(project_root: str | Path) -> dict[str, bytes]:
         for path in sorted(base.rglob("*")):
             if path.is_file() and _included(path, root):
                 files[path.relative_to(root).as_posix()] = path.read_bytes()
-    for required in (SERVING_HANDLER, *SERVING_EXTRA_FILES):
+    for required in SERVING_FILES:
         if required not in files:
-            raise FileNotFoundError(f"{root / required} is missing: the serving bundle needs it")
+            raise FileNotFoundError(f"{root / required} is missing: the model archive's code/ needs it")
     return dict(sorted(files.items()))
 
 
@@ -119,23 +116,19 @@ def content_sha(files: Mapping[str, bytes]) -> str:
 
 
 def build_code_bundles(project_root: str | Path) -> CodeBundles:
-    """Build the three bundles of CONTRACTS §2 from the sources under ``project_root``."""
+    """Build the bundles of CONTRACTS §2 from the sources under ``project_root``."""
     files = collect_files(project_root)
     sourcedir_members = dict(files)
     if REQUIREMENTS in files:
         sourcedir_members["requirements.txt"] = files[REQUIREMENTS]
     else:
         logger.warning("%s not found: training containers will not install extra requirements", REQUIREMENTS)
-    serving_members = {"inference.py": files[SERVING_HANDLER]}
-    serving_members.update({name: files[name] for name in SERVING_EXTRA_FILES})
     bundles = CodeBundles(
         sha=content_sha(files),
         files=files,
         sourcedir=deterministic_tar_gz(sourcedir_members),
-        serving=deterministic_tar_gz(serving_members),
     )
-    logger.info("code bundles %s: %d files, sourcedir %d B, serving %d B",
-                bundles.sha[:12], len(files), len(bundles.sourcedir), len(bundles.serving))
+    logger.info("code bundles %s: %d files, sourcedir %d B", bundles.sha[:12], len(files), len(bundles.sourcedir))
     return bundles
 
 
@@ -146,19 +139,17 @@ def code_locations(bucket: str, prefix: str, bundles: CodeBundles | str) -> Code
     sha = bundles if isinstance(bundles, str) else bundles.sha
     key_prefix = "/".join(part for part in (prefix.strip("/"), "code", sha) if part)
     root = f"s3://{bucket}/{key_prefix}"
-    return CodeLocations(sha=sha, root=root, sourcedir=f"{root}/sourcedir.tar.gz", src_prefix=f"{root}/src/",
-                         serving=f"{root}/serving.tar.gz")
+    return CodeLocations(sha=sha, root=root, sourcedir=f"{root}/sourcedir.tar.gz", src_prefix=f"{root}/src/")
 
 
 def upload_code_bundles(bundles: CodeBundles, locations: CodeLocations,
                         put: Callable[[str, bytes], None]) -> CodeLocations:
-    """Write every bundle through ``put(s3_uri, data)``; ``serving.tar.gz`` goes last (it marks completeness)."""
+    """Write every bundle through ``put(s3_uri, data)``; ``sourcedir.tar.gz`` goes last (it marks completeness)."""
     if bundles.sha != locations.sha:
         raise ValueError(f"locations are for code {locations.sha[:12]}, bundles are {bundles.sha[:12]}")
     for name, data in bundles.files.items():
         put(locations.src_file(name), data)
     put(locations.sourcedir, bundles.sourcedir)
-    put(locations.serving, bundles.serving)
     return locations
 
 

@@ -14,8 +14,9 @@ as is and the embedded local engine (``pipelines/local``) interprets:
 
 Building the definition makes no AWS call and is deterministic: code comes as ``s3://`` URIs that the CLI uploaded
 under content-addressed keys (:mod:`pipelines.packaging`), processors are plain ``Processor`` objects with an
-explicit image (the framework processors upload a generated ``runproc.sh``), the model reads its handler from
-``SAGEMAKER_PROGRAM``/``SAGEMAKER_SUBMIT_DIRECTORY`` (``register()`` with an ``entry_point`` adds a repack step),
+explicit image (the framework processors upload a generated ``runproc.sh``), the model's handler travels in
+``model.tar.gz`` under ``code/`` and is named by ``SAGEMAKER_PROGRAM`` (``register()`` with an ``entry_point`` would
+add a repack step),
 image URIs come from the SDK's bundled tables, and the timestamped ``sagemaker_job_name`` the SDK writes into the
 tuner's static hyperparameters is removed.
 """
@@ -81,6 +82,7 @@ from sagemaker.workflow.steps import CacheConfig, ProcessingStep, TrainingStep, 
 
 from pipelines.packaging import CodeLocations  # noqa: E402
 from training.metrics import METRIC_DEFINITIONS, OBJECTIVE_METRIC, OBJECTIVE_TYPE  # noqa: E402
+from training.serving_code import SERVING_PROGRAM  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -458,8 +460,9 @@ def _build_pipeline(
         image_uri=inference_image,
         model_data=step_train.properties.ModelArtifacts.S3ModelArtifacts,
         role=role,
-        env={"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": code.serving,
-             "SAGEMAKER_CONTAINER_LOG_LEVEL": "20", "SAGEMAKER_REGION": region},
+        # The PyTorch inference containers import SAGEMAKER_PROGRAM from code/ inside model.tar.gz (the trainer
+        # puts it there: training/serving_code.py); they never read SAGEMAKER_SUBMIT_DIRECTORY.
+        env={"SAGEMAKER_PROGRAM": SERVING_PROGRAM, "SAGEMAKER_CONTAINER_LOG_LEVEL": "20", "SAGEMAKER_REGION": region},
         sagemaker_session=session,
     )
     model_metrics = ModelMetrics(model_statistics=MetricsSource(

@@ -230,14 +230,14 @@ def s3_uploader(s3: Any) -> Callable[[str, bytes], None]:
 
 
 def upload_bundles_if_missing(s3: Any, settings: Settings) -> None:
-    """Upload the code bundles unless this content address is complete already (serving.tar.gz goes last)."""
+    """Upload the code bundles unless this content address is complete already (sourcedir.tar.gz goes last)."""
     from botocore.exceptions import ClientError
 
     from pipelines.packaging import build_code_bundles, code_locations, project_root, upload_code_bundles
 
     bundles = build_code_bundles(project_root())
     locations = code_locations(settings.bucket, settings.base_job_prefix, bundles)
-    bucket, _, key = locations.serving.removeprefix("s3://").partition("/")
+    bucket, _, key = locations.sourcedir.removeprefix("s3://").partition("/")
     try:
         s3.head_object(Bucket=bucket, Key=key)
         logger.info("code %s already uploaded", locations.root)

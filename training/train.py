@@ -95,6 +95,7 @@ from training.model import (
     save_model,
     train_transform,
 )
+from training.serving_code import write_serving_code
 from training.system_monitor import SystemMonitor
 
 logger = logging.getLogger("training.train")
@@ -780,6 +781,8 @@ def _run(args: argparse.Namespace, device: torch.device, output_dir: Path, monit
               "best_valid_accuracy": best["valid_accuracy"], "pretrained_weights": weights_used,
               "hyperparameters": hyperparameters}
     save_model(model, config, args.model_dir)
+    # The PyTorch inference containers import the handler only from code/ inside model.tar.gz.
+    write_serving_code(args.model_dir)
     logger.info("saved best model (epoch %d, valid_accuracy %.4f) to %s", best["epoch"], best["valid_accuracy"],
                 args.model_dir)
 
