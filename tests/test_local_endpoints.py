@@ -1,5 +1,6 @@
-"""Local endpoint servers: the SageMaker container contract, model swaps under load, restarts, and the
-approve -> EventBridge event -> steps.deploy -> local endpoint path with the project's inference handler."""
+"""Local endpoint servers: the SageMaker container contract served through SageMaker's PyTorch inference toolkit,
+model swaps under load, restarts, and the approve -> EventBridge event -> steps.deploy -> local endpoint path with
+the project's inference handler (from ``code/`` inside model.tar.gz)."""
 
 from __future__ import annotations
 
@@ -25,16 +26,18 @@ from pipelines.local.store import ArtifactStore
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
-# A tiny handler with the toolkit's four functions: fast to start, precise about which model answered.
+# A tiny handler with the toolkit's four functions: fast to start, precise about which model answered. Errors that
+# should reach the client with their own status subclass the toolkit's BaseInferenceToolkitError (others are 500s).
 HANDLER = '''
 import json, os, time
 from pathlib import Path
 
+from sagemaker_inference.errors import BaseInferenceToolkitError
 
-class HandlerError(Exception):
+
+class HandlerError(BaseInferenceToolkitError):
     def __init__(self, status, message):
-        super().__init__(message)
-        self.status_code = status
+        super().__init__(status, message, message)
 
 
 def model_fn(model_dir):
@@ -63,9 +66,7 @@ def predict_fn(data, model):
 
 def output_fn(prediction, accept):
     if accept != "application/json":
-        err = Exception(f"cannot produce {accept}")
-        err.status = 406
-        raise err
+        raise HandlerError(406, f"cannot produce {accept}")
     return json.dumps(prediction)
 '''
 
@@ -79,18 +80,15 @@ def mlops_home(tmp_path, monkeypatch):
         endpoints.delete(endpoint.name)
 
 
-@pytest.fixture
-def handler_dir(tmp_path) -> Path:
-    code = tmp_path / "code"
-    code.mkdir()
-    (code / "handler.py").write_text(HANDLER)
-    return code
+HANDLER_ENV = {"SAGEMAKER_PROGRAM": "handler.py"}
 
 
 def tiny_model(tmp_path: Path, version: int, **extra) -> Path:
+    """A model directory as the container sees /opt/ml/model: model.json and the handler in code/."""
     path = tmp_path / f"model-v{version}-{len(extra)}"
-    path.mkdir()
+    (path / "code").mkdir(parents=True)
     (path / "model.json").write_text(json.dumps({"version": version, **extra}))
+    (path / "code" / "handler.py").write_text(HANDLER)
     return path
 
 
@@ -100,8 +98,12 @@ def post(url: str, body: bytes, content_type: str = "application/json", accept: 
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    except urllib.error.HTTPError as exc:  # the toolkit's error body: the message, then the traceback
+        return exc.code, first_line(exc.read())
+
+
+def first_line(body: bytes) -> str:
+    return body.decode("utf-8", "replace").split("\n", 1)[0]
 
 
 def ping(url: str) -> int:
@@ -121,8 +123,8 @@ def pid_alive(pid: int) -> bool:
 
 
 @pytest.mark.fast
-def test_container_contract_and_error_mapping(mlops_home, tmp_path, handler_dir):
-    ep = endpoints.deploy("contract", tiny_model(tmp_path, 1), handler_dir, "handler.py", max_body_bytes=4096,
+def test_container_contract_and_error_mapping(mlops_home, tmp_path):
+    ep = endpoints.deploy("contract", tiny_model(tmp_path, 1), environment=HANDLER_ENV, max_body_bytes=4096,
                           startup_timeout=60)
     assert ep.alive and ep.url.startswith("http://127.0.0.1:")
     assert (mlops_home / "endpoints" / "contract" / "server.json").is_file()
@@ -130,15 +132,16 @@ def test_container_contract_and_error_mapping(mlops_home, tmp_path, handler_dir)
     assert post(ep.url, b'{"x": 7}') == (200, {"version": 1, "echo": 7})
     assert endpoints.invoke("contract", b'{"x": 8}', "application/json") == (200, b'{"version": 1, "echo": 8}')
 
-    status, body = post(ep.url, b"a,b", "text/csv")
-    assert (status, body) == (415, {"error": "unsupported content type text/csv"})
+    assert post(ep.url, b"a,b", "text/csv") == (415, "unsupported content type text/csv")
     status, body = post(ep.url, b"{nope")
-    assert status == 400 and body["error"].startswith("invalid JSON")
-    assert post(ep.url, b"{}", accept="text/csv") == (406, {"error": "cannot produce text/csv"})
-    status, body = post(ep.url, b'{"boom": true}')
-    assert status == 500 and body["error"] == "ZeroDivisionError: division by zero"
-    status, body = post(ep.url, b'{"x": "' + b"y" * 5000 + b'"}')
-    assert status == 413 and "exceeds the endpoint's limit of 4096 bytes" in body["error"]
+    assert status == 400 and body.startswith("invalid JSON")
+    assert post(ep.url, b"{}", accept="text/csv") == (406, "cannot produce text/csv")
+    assert post(ep.url, b'{"boom": true}') == (500, "division by zero")  # the toolkit's GenericInferenceToolkitError
+    request = urllib.request.Request(f"{ep.url}/invocations", data=b'{"x": "' + b"y" * 5000 + b'"}', method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as too_big:
+        urllib.request.urlopen(request, timeout=10)
+    assert too_big.value.code == 413 and "exceeds the endpoint's limit of 4096 bytes" in too_big.value.read().decode()
     request = urllib.request.Request(f"{ep.url}/_mlops/reload", data=b"{}", method="POST")
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(request, timeout=10)
@@ -149,8 +152,8 @@ def test_container_contract_and_error_mapping(mlops_home, tmp_path, handler_dir)
 
 
 @pytest.mark.fast
-def test_redeploy_swaps_model_under_load_without_failures(mlops_home, tmp_path, handler_dir):
-    ep = endpoints.deploy("swap", tiny_model(tmp_path, 1), handler_dir, "handler.py", startup_timeout=60)
+def test_redeploy_swaps_model_under_load_without_failures(mlops_home, tmp_path):
+    ep = endpoints.deploy("swap", tiny_model(tmp_path, 1), environment=HANDLER_ENV, startup_timeout=60)
     results: list[tuple[int, int]] = []
     failures: list[object] = []
     pings: list[int] = []
@@ -179,8 +182,8 @@ def test_redeploy_swaps_model_under_load_without_failures(mlops_home, tmp_path, 
     try:
         time.sleep(0.5)
         # model_fn takes a second here: the old model must keep answering meanwhile.
-        swapped = endpoints.deploy("swap", tiny_model(tmp_path, 2), handler_dir, "handler.py",
-                                   environment={"TEST_LOAD_DELAY": "1.0"})
+        swapped = endpoints.deploy("swap", tiny_model(tmp_path, 2),
+                                   environment={**HANDLER_ENV, "TEST_LOAD_DELAY": "1.0"})
         time.sleep(0.5)
     finally:
         stop.set()
@@ -198,13 +201,13 @@ def test_redeploy_swaps_model_under_load_without_failures(mlops_home, tmp_path, 
 
     # A model that cannot load: the deploy fails, the running model keeps serving.
     with pytest.raises(endpoints.EndpointError, match="cannot load this model: corrupt"):
-        endpoints.deploy("swap", tiny_model(tmp_path, 3, fail="corrupt"), handler_dir, "handler.py")
+        endpoints.deploy("swap", tiny_model(tmp_path, 3, fail="corrupt"), environment=HANDLER_ENV)
     assert post(ep.url, b'{"x": 1}') == (200, {"version": 2, "echo": 1})
 
 
 @pytest.mark.fast
-def test_stale_server_is_restarted_and_delete_stops_it(mlops_home, tmp_path, handler_dir):
-    ep = endpoints.deploy("stale", tiny_model(tmp_path, 1), handler_dir, "handler.py", startup_timeout=60)
+def test_stale_server_is_restarted_and_delete_stops_it(mlops_home, tmp_path):
+    ep = endpoints.deploy("stale", tiny_model(tmp_path, 1), environment=HANDLER_ENV, startup_timeout=60)
     os.kill(ep.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while endpoints.get("stale").alive and time.monotonic() < deadline:
@@ -213,7 +216,7 @@ def test_stale_server_is_restarted_and_delete_stops_it(mlops_home, tmp_path, han
     with pytest.raises(endpoints.EndpointError, match="is not running"):
         endpoints.invoke("stale", b"{}", "application/json")
 
-    restarted = endpoints.deploy("stale", tiny_model(tmp_path, 2), handler_dir, "handler.py", startup_timeout=60)
+    restarted = endpoints.deploy("stale", tiny_model(tmp_path, 2), environment=HANDLER_ENV, startup_timeout=60)
     assert restarted.alive and restarted.pid != ep.pid
     assert restarted.port == ep.port  # the old port was free again, so the URL is unchanged
     assert endpoints.invoke("stale", b'{"x": 1}', "application/json")[0] == 200
@@ -227,17 +230,20 @@ def test_stale_server_is_restarted_and_delete_stops_it(mlops_home, tmp_path, han
 
 
 @pytest.mark.fast
-def test_startup_failure_reports_the_server_log(mlops_home, tmp_path, handler_dir):
+def test_startup_failure_reports_the_server_log(mlops_home, tmp_path):
     with pytest.raises(endpoints.EndpointError) as info:
-        endpoints.deploy("broken", tiny_model(tmp_path, 1, fail="bad weights"), handler_dir, "handler.py",
+        endpoints.deploy("broken", tiny_model(tmp_path, 1, fail="bad weights"), environment=HANDLER_ENV,
                          startup_timeout=60)
     message = str(info.value)
     assert "exited with code 1 during startup" in message and "cannot load this model: bad weights" in message
-    with pytest.raises(endpoints.EndpointError, match="not found in"):
-        endpoints.deploy("broken", tiny_model(tmp_path, 2), handler_dir, "missing.py", startup_timeout=60)
+    # No such SAGEMAKER_PROGRAM in code/: the toolkit's default PyTorch handler takes over and, as on AWS, refuses a
+    # model directory without exactly one .pt/.pth file.
+    with pytest.raises(endpoints.EndpointError, match="Exactly one .pth or .pt file is required"):
+        endpoints.deploy("broken", tiny_model(tmp_path, 2), environment={"SAGEMAKER_PROGRAM": "missing.py"},
+                         startup_timeout=60)
     assert endpoints.list_endpoints() == []
     with pytest.raises(ValueError, match="invalid endpoint name"):
-        endpoints.deploy("../escape", tiny_model(tmp_path, 3), handler_dir, "handler.py")
+        endpoints.deploy("../escape", tiny_model(tmp_path, 3), environment=HANDLER_ENV)
 
 
 # ------------------------------------------------------------------------------- the real handler, end to end
@@ -255,6 +261,7 @@ def _biased_model_tar(tmp_path: Path, favourite: int, classes: list[str]) -> byt
     import torch
 
     from training.model import save_model
+    from training.serving_code import write_serving_code
 
     model = _resnet18(len(classes))
     with torch.no_grad():
@@ -264,14 +271,15 @@ def _biased_model_tar(tmp_path: Path, favourite: int, classes: list[str]) -> byt
               "dropout": 0.0, "image_size": 32, "resize_size": 36, "weights_file": "model.pth"}
     model_dir = tmp_path / f"model-{favourite}"
     save_model(model, config, model_dir)
+    write_serving_code(model_dir)  # what training/train.py does: the handler travels in code/
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name in ("model.pth", "model_config.json"):
-            tar.add(model_dir / name, arcname=name)
+        for path in sorted(model_dir.rglob("*")):
+            tar.add(path, arcname=path.relative_to(model_dir).as_posix(), recursive=False)
     return buf.getvalue()
 
 
-def _register(classes: list[str], tmp_path: Path, serving_uri: str, favourite: int, accuracy: float) -> str:
+def _register(classes: list[str], tmp_path: Path, favourite: int, accuracy: float) -> str:
     store = ArtifactStore()
     model_uri = f"s3://mlops-local/models/v{favourite}/model.tar.gz"
     store.put_bytes(model_uri, _biased_model_tar(tmp_path, favourite, classes))
@@ -283,8 +291,7 @@ def _register(classes: list[str], tmp_path: Path, serving_uri: str, favourite: i
         "ModelApprovalStatus": "PendingManualApproval",
         "InferenceSpecification": {
             "Containers": [{"Image": "pytorch-inference:2.1-cpu-py310", "ModelDataUrl": model_uri,
-                            "Environment": {"SAGEMAKER_PROGRAM": "inference.py",
-                                            "SAGEMAKER_SUBMIT_DIRECTORY": serving_uri}}],
+                            "Environment": {"SAGEMAKER_PROGRAM": "inference.py"}}],
             "SupportedContentTypes": ["image/jpeg"], "SupportedResponseMIMETypes": ["application/json"]},
         "ModelMetrics": {"ModelQuality": {"Statistics": {"ContentType": "application/json", "S3Uri": metrics_uri}}},
     })["ModelPackageArn"]
@@ -298,13 +305,9 @@ def _cli(*argv: str) -> int:
 
 @pytest.mark.slow
 def test_approve_deploys_through_steps_deploy_and_swaps_versions(mlops_home, tmp_path, capsys, monkeypatch):
-    from pipelines.packaging import build_code_bundles
-
     classes = ["circle", "square"]
-    serving_uri = "s3://mlops-local/code/test/serving.tar.gz"
-    ArtifactStore().put_bytes(serving_uri, build_code_bundles(PROJECT_ROOT).serving)
-    _register(classes, tmp_path, serving_uri, favourite=0, accuracy=0.81)
-    _register(classes, tmp_path, serving_uri, favourite=1, accuracy=0.93)
+    _register(classes, tmp_path, favourite=0, accuracy=0.81)
+    _register(classes, tmp_path, favourite=1, accuracy=0.93)
     client = LocalSageMakerClient(startup_timeout=120)
     name = "imgclf-test"
 
@@ -315,7 +318,10 @@ def test_approve_deploys_through_steps_deploy_and_swaps_versions(mlops_home, tmp
     report = ParamValidator().validate({k: v for k, v in described.items() if k != "ResponseMetadata"}, shape)
     assert not report.has_errors(), report.generate_report()
     server = endpoints.get(name)
-    assert Path(server.code_dir).is_relative_to(mlops_home / "endpoints" / name / "code")  # the bundle, extracted
+    assert Path(server.model_dir).is_relative_to(mlops_home / "endpoints" / name / "models")  # model.tar.gz, extracted
+    assert Path(server.code_dir) == Path(server.model_dir) / "code"
+    loaded = endpoints.server_status(name)["loaded"]
+    assert {"inference", "training.model", "training.images"} <= set(loaded["modules_from_code_dir"])
 
     jpeg = io.BytesIO()
     sample_data.draw_sample("square", 48).save(jpeg, "JPEG")
@@ -324,9 +330,9 @@ def test_approve_deploys_through_steps_deploy_and_swaps_versions(mlops_home, tmp
     assert status == 200 and prediction["class_name"] == "circle" and prediction["predicted_label"] == 0
     assert prediction["confidence"] > 0.99 and [k["class_name"] for k in prediction["top_k"]] == classes
     status, body = endpoints.invoke(name, b"\xff\xd8 truncated", "image/jpeg")
-    assert status == 400 and "not a decodable image" in json.loads(body)["error"]
+    assert status == 400 and "not a decodable image" in first_line(body)
     status, body = endpoints.invoke(name, b"a,b", "text/csv")
-    assert status == 415 and "text/csv" in json.loads(body)["error"]
+    assert status == 415 and "text/csv" in first_line(body)
 
     # Approving version 2 while requests are running: every request answered, then the new model answers.
     answers: list[str] = []

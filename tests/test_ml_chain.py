@@ -82,8 +82,10 @@ def test_preprocess_train_evaluate_serve(tmp_path, one_torch_thread):
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
     with tarfile.open(artifacts / "model.tar.gz", "w:gz") as tar:
-        for f in sorted(model_dir.iterdir()):
-            tar.add(f, arcname=f.name)
+        for f in sorted(model_dir.rglob("*")):
+            tar.add(f, arcname=f.relative_to(model_dir).as_posix(), recursive=False)
+    with tarfile.open(artifacts / "model.tar.gz") as tar:  # the handler travels with the weights (code/)
+        assert {"model.pth", "model_config.json", "code/inference.py", "code/training/model.py"} <= set(tar.getnames())
 
     # --- evaluate (ProcessingStep contract)
     eval_out = tmp_path / "evaluation"

@@ -149,7 +149,7 @@ def _models_describe(args: argparse.Namespace) -> int:
         ("Description", package.description or "-"), ("Created", _fmt_time(package.creation_time)),
         ("Last modified", _fmt_time(package.last_modified_time)),
         ("Image", container.get("Image", "-")), ("Model data", container.get("ModelDataUrl", "-")),
-        ("Serving code", env.get("SAGEMAKER_SUBMIT_DIRECTORY", "-") + f" ({env.get('SAGEMAKER_PROGRAM', '-')})"),
+        ("Serving code", f"code/{env.get('SAGEMAKER_PROGRAM', 'inference.py')} in the model data"),
         ("Content types", ", ".join(spec.get("SupportedContentTypes") or []) or "-"),
         ("Response types", ", ".join(spec.get("SupportedResponseMIMETypes") or []) or "-"),
     ]
@@ -275,7 +275,7 @@ def _endpoints_list(args: argparse.Namespace) -> int:
         _out().print("No local endpoints.")
         return 0
     table = Table(title="Local endpoints")
-    for column in ("Name", "Status", "Server", "URL", "Serving", "Deployed", "Note"):
+    for column in ("Name", "Status", "Server", "endpoint_url", "Serving", "Deployed", "Note"):
         table.add_column(column, overflow="fold")
     for name in names:
         desc, server = described.get(name, {}), servers.get(name)
@@ -285,7 +285,7 @@ def _endpoints_list(args: argparse.Namespace) -> int:
         if server is not None and not server.alive:
             note = (note + " " if note else "") + f"server pid {server.pid} is gone: endpoints restart {name}"
         table.add_row(name, _styled(desc.get("EndpointStatus")) if desc else "-", health,
-                      f"{server.url}/invocations" if server and server.url else "-", serving or "-",
+                      server.url if server and server.url else "-", serving or "-",
                       _fmt_time(server.deployed_at) if server else "-", note)
     _out().print(table)
     return 0

@@ -1,21 +1,23 @@
 """Local endpoints: background :mod:`pipelines.local.endpoint_server` processes, one per endpoint name.
 
 State lives under ``$MLOPS_HOME/endpoints/<name>/`` (``server.log``, ``server.json``, ``admin.token``, extracted
-``models/`` and ``code/``) and in the SQLite table ``endpoints`` (pid, port, what is deployed).
+``models/``) and in the SQLite table ``endpoints`` (pid, port, what is deployed).
 
 - :func:`deploy` starts the server (or, when one is already running, swaps its model in place through the
   loopback admin route, so requests in flight finish on the old model and ``/ping`` never fails). A stale record
   (the server died) is detected and the server is restarted, on its old port when that port is still free.
-- :func:`materialize` turns a SageMaker container definition (``ModelDataUrl``, ``SAGEMAKER_SUBMIT_DIRECTORY``,
-  ``SAGEMAKER_PROGRAM``) into local directories, reading ``s3://`` URIs from the artifact store.
+- :func:`materialize` turns a SageMaker container definition (``ModelDataUrl``, ``Environment``) into a local model
+  directory, reading ``s3://`` URIs from the artifact store. The handler comes from ``code/`` inside the model
+  archive, as in the PyTorch inference containers; ``SAGEMAKER_SUBMIT_DIRECTORY`` is ignored, as they ignore it.
 - :func:`invoke`, :func:`list_endpoints`, :func:`delete`.
+
+The server's URL is the ``endpoint_url`` for ``boto3.client("sagemaker-runtime", endpoint_url=...)``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -42,7 +44,6 @@ from training.archives import is_archive, safe_extract
 logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-FALLBACK_PROGRAM = "inference/inference.py"  # relative to PROJECT_ROOT, when no SAGEMAKER_SUBMIT_DIRECTORY is given
 DEFAULT_STARTUP_TIMEOUT_S = 180.0
 KEEP_MODEL_DIRS = 2  # the serving model and the one before it
 _NAME_RE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
@@ -78,12 +79,19 @@ class EndpointNotFound(EndpointError, LookupError):
 
 @dataclass(frozen=True)
 class Deployment:
-    """What a server needs: the model directory, the handler's code directory and program, extra env vars."""
+    """What a server needs: the extracted model archive (its ``code/`` holds the handler) and the container's
+    environment (``SAGEMAKER_PROGRAM``...)."""
 
     model_dir: Path
-    code_dir: Path
-    program: str
     environment: dict[str, str]
+
+    @property
+    def code_dir(self) -> Path:
+        return self.model_dir / "code"
+
+    @property
+    def program(self) -> str:
+        return self.environment.get("SAGEMAKER_PROGRAM") or "inference.py"
 
 
 @dataclass(frozen=True)
@@ -227,14 +235,13 @@ def _http(url: str, *, data: bytes | None = None, headers: dict[str, str] | None
 
 
 def _start_server(name: str, directory: Path, deployment: Deployment, port: int, timeout: float,
-                  max_body_bytes: int) -> tuple[int, float, int, str]:
+                  max_body_bytes: int, variant: str) -> tuple[int, float, int, str]:
     state_path = directory / endpoint_server.STATE_FILE
     state_path.unlink(missing_ok=True)
     log_path = directory / "server.log"
     cmd = [sys.executable, "-m", "pipelines.local.endpoint_server", "--port", str(port),
-           "--model-dir", str(deployment.model_dir), "--code-dir", str(deployment.code_dir),
-           "--program", deployment.program, "--state-dir", str(directory), "--name", name,
-           "--max-body-bytes", str(max_body_bytes)]
+           "--model-dir", str(deployment.model_dir), "--state-dir", str(directory), "--name", name,
+           "--variant", variant, "--max-body-bytes", str(max_body_bytes)]
     env = dict(os.environ)
     env.update(deployment.environment)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
@@ -281,8 +288,7 @@ def _reload(name: str, row: dict[str, Any], deployment: Deployment, timeout: flo
         token = (directory / endpoint_server.TOKEN_FILE).read_text().strip()
     except OSError as exc:
         raise EndpointError(f"cannot read the admin token of endpoint {name!r}: {exc}") from exc
-    payload = json.dumps({"model_dir": str(deployment.model_dir), "code_dir": str(deployment.code_dir),
-                          "program": deployment.program, "environment": deployment.environment}).encode()
+    payload = json.dumps({"model_dir": str(deployment.model_dir), "environment": deployment.environment}).encode()
     try:
         status, body, _ = _http(f"{row['url']}/_mlops/reload", data=payload, timeout=timeout,
                                 headers={"Content-Type": "application/json", endpoint_server.TOKEN_HEADER: token})
@@ -306,13 +312,11 @@ def _error_text(body: bytes) -> str:
 
 
 def materialize(endpoint_name: str, container: dict[str, Any], store: ArtifactStore | None = None) -> Deployment:
-    """Local directories for a SageMaker container definition (``Image``/``ModelDataUrl``/``Environment``).
+    """The local model directory for a SageMaker container definition (``ModelDataUrl``/``Environment``).
 
     ``ModelDataUrl`` (``model.tar.gz``, or a directory) is extracted safely into a fresh
-    ``$MLOPS_HOME/endpoints/<name>/models/<id>/``. ``SAGEMAKER_SUBMIT_DIRECTORY`` (``serving.tar.gz`` or a
-    directory) gives the handler's code and ``SAGEMAKER_PROGRAM`` its file (default ``inference.py``); archives are
-    extracted once per content hash under ``code/``. Without ``SAGEMAKER_SUBMIT_DIRECTORY`` the project's own
-    ``inference/inference.py`` serves the model.
+    ``$MLOPS_HOME/endpoints/<name>/models/<id>/`` -- the container's ``/opt/ml/model``, whose ``code/`` holds the
+    handler named by ``SAGEMAKER_PROGRAM``.
     """
     store = store or ArtifactStore()
     directory = state_dir(endpoint_name)
@@ -332,45 +336,25 @@ def materialize(endpoint_name: str, container: dict[str, Any], store: ArtifactSt
     else:
         model_dir.mkdir(parents=True)
         shutil.copy2(source, model_dir / source.name)
-
-    submit = environment.get("SAGEMAKER_SUBMIT_DIRECTORY")
-    if submit:
-        program = environment.get("SAGEMAKER_PROGRAM") or "inference.py"
-        code_source = store.path(submit)
-        if not code_source.exists():
-            raise EndpointError(f"SAGEMAKER_SUBMIT_DIRECTORY {submit} not found in the local artifact store "
-                                f"({code_source})")
-        if code_source.is_dir():
-            code_dir = code_source
-        else:
-            digest = hashlib.sha256(code_source.read_bytes()).hexdigest()[:16]
-            code_dir = directory / "code" / digest
-            if not code_dir.is_dir():
-                tmp = code_dir.with_name(f".{digest}.{uuid.uuid4().hex[:6]}")
-                safe_extract(code_source, tmp)
-                tmp.rename(code_dir)
-    else:
-        logger.info("no SAGEMAKER_SUBMIT_DIRECTORY for endpoint %s: serving the project's %s", endpoint_name,
-                    FALLBACK_PROGRAM)
-        code_dir, program = PROJECT_ROOT, FALLBACK_PROGRAM
-    return Deployment(model_dir=model_dir, code_dir=code_dir, program=program, environment=environment)
+    if environment.get("SAGEMAKER_SUBMIT_DIRECTORY"):
+        logger.warning("endpoint %s: SAGEMAKER_SUBMIT_DIRECTORY=%s is ignored, as the PyTorch inference containers "
+                       "ignore it; the handler must be in code/ inside %s", endpoint_name,
+                       environment["SAGEMAKER_SUBMIT_DIRECTORY"], model_url)
+    return Deployment(model_dir=model_dir, environment=environment)
 
 
-def deploy(endpoint_name: str, model_dir: str | Path, code_dir: str | Path | None = None,
-           program: str | None = None, *, environment: dict[str, str] | None = None,
-           startup_timeout: float = DEFAULT_STARTUP_TIMEOUT_S,
+def deploy(endpoint_name: str, model_dir: str | Path, *, environment: dict[str, str] | None = None,
+           startup_timeout: float = DEFAULT_STARTUP_TIMEOUT_S, variant: str = endpoint_server.DEFAULT_VARIANT,
            max_body_bytes: int = endpoint_server.DEFAULT_MAX_BODY_BYTES) -> LocalEndpoint:
-    """Serve ``model_dir`` with ``code_dir/program`` (default: the project's ``inference/inference.py``) as
-    ``endpoint_name``: start a server, or swap the model of the running one without dropping requests.
+    """Serve the extracted model archive ``model_dir`` (its ``code/`` holds the handler ``SAGEMAKER_PROGRAM`` of
+    ``environment``) through SageMaker's PyTorch inference toolkit as ``endpoint_name``: start a server, or swap
+    the model of the running one without dropping requests.
 
     Raises :class:`EndpointError` (with the server log's tail) if the server does not come up within
     ``startup_timeout`` seconds or the new model cannot be loaded (a running endpoint then keeps its old model).
     """
     validate_name(endpoint_name)
-    if code_dir is None:
-        code_dir, program = PROJECT_ROOT, program or FALLBACK_PROGRAM
-    deployment = Deployment(Path(model_dir).resolve(), Path(code_dir).resolve(), program or "inference.py",
-                            dict(environment or {}))
+    deployment = Deployment(Path(model_dir).resolve(), {str(k): str(v) for k, v in (environment or {}).items()})
     if not deployment.model_dir.is_dir():
         raise EndpointError(f"model directory {deployment.model_dir} does not exist")
     with _locked(endpoint_name) as directory:
@@ -384,7 +368,7 @@ def deploy(endpoint_name: str, model_dir: str | Path, code_dir: str | Path | Non
                 logger.warning("endpoint %s: server pid %s is gone; starting a new one", endpoint_name, row["pid"])
             port = row["port"] if row and row["port"] and _port_free(row["port"]) else 0
             pid, create_time, port, url = _start_server(endpoint_name, directory, deployment, port, startup_timeout,
-                                                        max_body_bytes)
+                                                        max_body_bytes, variant)
         with _db() as conn:
             conn.execute(
                 "INSERT INTO endpoints (name, pid, pid_create_time, port, url, state_dir, model_dir, code_dir, program,"

@@ -358,11 +358,19 @@ class LocalSageMakerClient:
         self._deploy(name, config_name, creating=False)
         return _response({"EndpointArn": arn})
 
+    def _served_variant(self, config_name: str) -> dict[str, Any]:
+        """The production variant the local endpoint serves: the config's heaviest."""
+        _, config = self._config(config_name, "CreateEndpoint")
+        return max(config["ProductionVariants"], key=lambda v: float(v.get("InitialVariantWeight", 1.0)))
+
+    def _variant_name(self, config_name: str) -> str:
+        return str(self._served_variant(config_name)["VariantName"])
+
     def _resolve_container(self, config_name: str) -> dict[str, Any]:
         """The container an endpoint config serves: its heaviest variant's model, package references resolved."""
         _, config = self._config(config_name, "CreateEndpoint")
         variants = config["ProductionVariants"]
-        variant = max(variants, key=lambda v: float(v.get("InitialVariantWeight", 1.0)))
+        variant = self._served_variant(config_name)
         if len(variants) > 1:
             logger.warning("endpoint config %s has %d variants; the local endpoint serves only %s", config_name,
                            len(variants), variant["VariantName"])
@@ -386,8 +394,8 @@ class LocalSageMakerClient:
         try:
             container = self._resolve_container(config_name)
             deployment = endpoints.materialize(name, container)
-            endpoints.deploy(name, deployment.model_dir, deployment.code_dir, deployment.program,
-                             environment=deployment.environment, startup_timeout=self.startup_timeout)
+            endpoints.deploy(name, deployment.model_dir, environment=deployment.environment,
+                             startup_timeout=self.startup_timeout, variant=self._variant_name(config_name))
         except Exception as exc:  # the endpoint's status carries the failure, as on SageMaker
             reason = str(exc)[-1024:] or type(exc).__name__
             logger.error("endpoint %s: deploying %s failed: %s", name, config_name, reason)
