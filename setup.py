@@ -29,6 +29,8 @@ INSTALL_REQUIRES = [
     "sagemaker-pytorch-training==2.9.0",
     "sagemaker-inference==1.10.1",
     "sagemaker-pytorch-inference==2.0.25",
+    # sagemaker-pytorch-inference imports pkg_resources, which setuptools 81 removed.
+    "setuptools>=70,<81",
 ]
 
 EXTRAS_REQUIRE = {

@@ -3,7 +3,8 @@ and the local endpoint speaks the SageMaker runtime API to unchanged real client
 
 The model comes from ``training/train.py`` itself (1 epoch on drawn shapes), packed as SageMaker packs
 ``SM_MODEL_DIR``: whatever the trainer put there -- ``model.pth``, ``model_config.json`` and the handler in ``code/`` --
-is all the serving side gets.
+is all the serving side gets. ``IMGCLF_MODEL_TAR=<path to a model.tar.gz>`` runs the same checks on another
+archive, e.g. the one ``make run`` registered (``models describe 1`` shows its model data).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ MODEL_ENV = {"SAGEMAKER_PROGRAM": "inference.py"}  # the pipeline's Model enviro
 @pytest.fixture(scope="module")
 def model_tar(tmp_path_factory) -> Path:
     """``model.tar.gz`` of a real (tiny) training run, packed like SageMaker packs ``SM_MODEL_DIR``."""
+    if os.environ.get("IMGCLF_MODEL_TAR"):
+        return Path(os.environ["IMGCLF_MODEL_TAR"])
     tmp = tmp_path_factory.mktemp("trained")
     data = make_dataset(tmp / "data", per_class=6, size=IMAGE_SIZE, seed=5, with_bad_files=False)
     model_dir = tmp / "model"
