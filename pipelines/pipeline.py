@@ -6,7 +6,7 @@ as is and the embedded local engine (``pipelines/local``) interprets:
 1. ``PrepareData`` -- processing job running ``steps/preprocess.py`` on ``InputDataUrl``.
 2. ``TuneHyperparameters`` -- tuning job over ``training/train.py`` (objective ``valid_accuracy``, maximize).
 3. ``TrainBestModel`` -- retrains with the tuning job's best hyperparameters; Debugger rules and the Profiler go
-   here because SageMaker attaches neither to tuning trials.
+   here because SageMaker attaches neither to tuning trials (in regions without them, see ``get_pipeline``).
 4. ``EvaluateModel`` -- processing job running ``steps/evaluate.py``; ``evaluation.json`` is a PropertyFile.
 5. ``CheckAccuracy`` -- accuracy >= ``AccuracyThreshold``: register and deploy, else ``AccuracyBelowThreshold``.
 6. ``RegisterModel`` -- model package in ``ModelPackageGroupName`` with ``ModelApprovalStatus``.
@@ -29,6 +29,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
@@ -38,13 +39,14 @@ if logging.getLogger("sagemaker.config").level == logging.NOTSET:
 
 import boto3  # noqa: E402
 import sagemaker.utils  # noqa: E402
-from sagemaker import image_uris  # noqa: E402
+from sagemaker import fw_utils, image_uris  # noqa: E402
 from sagemaker.debugger import (  # noqa: E402
     CollectionConfig,
     DebuggerHookConfig,
     ProfilerConfig,
     ProfilerRule,
     Rule,
+    get_rule_container_image_uri,
     rule_configs,
 )
 from sagemaker.inputs import TrainingInput  # noqa: E402
@@ -80,6 +82,7 @@ from sagemaker.workflow.retry import (  # noqa: E402
 )
 from sagemaker.workflow.steps import CacheConfig, ProcessingStep, TrainingStep, TuningStep  # noqa: E402
 
+from pipelines import arns  # noqa: E402
 from pipelines.packaging import CodeLocations  # noqa: E402
 from training.metrics import METRIC_DEFINITIONS, OBJECTIVE_METRIC, OBJECTIVE_TYPE  # noqa: E402
 from training.serving_code import SERVING_PROGRAM  # noqa: E402
@@ -207,12 +210,16 @@ DEBUGGER_COLLECTIONS = {
     "weights": CollectionConfig("weights", parameters=_SAVE_EVERY),
     "relu_input": CollectionConfig("relu_input", parameters={"include_regex": ".*relu_input", **_SAVE_EVERY}),
 }
-# Rule parameters as AWS documents them for the built-in rules (the local engine reads them from the definition).
+# Rule parameters: only the names AWS documents for each built-in rule ("List of Debugger built-in rules",
+# docs.aws.amazon.com/sagemaker/latest/dg/debugger-built-in-rules.html); the local engine reads the same names
+# from the definition (pipelines/local/rules.py). smdebug_rulesconfig carries the rules' names, collections and
+# ``rule_to_invoke`` but not their parameter lists. Overfit takes ``patience``; ``patience_train`` and
+# ``patience_validation`` are Overtraining's.
 DEBUGGER_RULES: dict[str, tuple[Any, dict[str, str], tuple[str, ...]]] = {
     "LossNotDecreasing": (rule_configs.loss_not_decreasing,
                           {"num_steps": "10", "diff_percent": "0.1", "mode": "TRAIN"}, ("losses",)),
     "Overfit": (rule_configs.overfit,
-                {"patience_train": "5", "patience_validation": "10", "ratio_threshold": "0.1"}, ("losses",)),
+                {"start_step": "0", "patience": "5", "ratio_threshold": "0.1"}, ("losses",)),
     "Overtraining": (rule_configs.overtraining,
                      {"patience_train": "5", "patience_validation": "10", "delta": "0.01"}, ("losses",)),
     "VanishingGradient": (rule_configs.vanishing_gradient, {"threshold": "0.0000001"}, ("gradients",)),
@@ -225,8 +232,82 @@ PROFILER_RULES = ("LowGPUUtilization", "ProfilerReport")
 SYSTEM_MONITOR_INTERVAL_MS = 500
 
 
-def _debugger_rules(stop_training: bool) -> list[Any]:
-    """Debugger rules (with an optional StopTraining action) and the profiler rules for the best-model job.
+class UnsupportedRegionError(ValueError):
+    """The SageMaker PyTorch framework images this pipeline runs on do not exist in the region."""
+
+
+@dataclass(frozen=True)
+class DebuggerSupport:
+    """What of SageMaker Debugger a region offers the best-model job (from the SDK's own tables, offline).
+
+    ``hook``/``profiler``: the SDK accepts a Debugger hook config / a ProfilerConfig there (neither needs an
+    image); ``rules``: the Debugger rule evaluator image exists there (every Debugger and Profiler rule runs in it).
+    """
+
+    region: str
+    hook: bool
+    profiler: bool
+    rules: bool
+
+    @property
+    def debugger_rules(self) -> bool:
+        return self.rules and self.hook
+
+    @property
+    def profiler_rules(self) -> bool:
+        return self.rules and self.profiler
+
+    def reason(self) -> str:
+        if not (self.hook and self.profiler):
+            return "the SageMaker SDK supports no Debugger/Profiler there"
+        return "SageMaker Debugger has no rule evaluator image there" if not self.rules else "fully supported"
+
+    def omitted(self) -> list[str]:
+        """What the pipeline leaves out in this region, in words (empty: nothing)."""
+        omitted = []
+        if not self.debugger_rules:
+            omitted.append(f"the Debugger rules ({', '.join(DEBUGGER_RULES)})")
+        if not self.profiler_rules:
+            omitted.append(f"the Profiler rules ({', '.join(PROFILER_RULES)})")
+        if not self.hook:
+            omitted.append("the Debugger hook config")
+        if not self.profiler:
+            omitted.append("the Profiler config")
+        return omitted
+
+
+def debugger_support(region: str) -> DebuggerSupport:
+    """Which Debugger features ``region`` supports, per the SageMaker SDK's bundled tables (no AWS call)."""
+    try:
+        get_rule_container_image_uri(None, region)
+        rules = True
+    except ValueError:  # "Unsupported region: ..." -- no rule evaluator image in this region
+        rules = False
+    return DebuggerSupport(region=region, hook=region.lower() not in fw_utils.DEBUGGER_UNSUPPORTED_REGIONS,
+                           profiler=region.lower() not in fw_utils.PROFILER_UNSUPPORTED_REGIONS, rules=rules)
+
+
+def framework_images(region: str) -> tuple[str, str, str]:
+    """(CPU training, GPU training, CPU inference) PyTorch image URIs; :class:`UnsupportedRegionError` if the
+    SDK's tables have none for the region."""
+    def retrieve(instance_type: str, scope: str) -> str:
+        return image_uris.retrieve("pytorch", region, version=FRAMEWORK_VERSION, py_version=PY_VERSION,
+                                   instance_type=instance_type, image_scope=scope)
+
+    try:
+        return (retrieve(CPU_REFERENCE_INSTANCE, "training"), retrieve(GPU_REFERENCE_INSTANCE, "training"),
+                retrieve(INFERENCE_INSTANCE_TYPES[0], "inference"))
+    except ValueError as exc:
+        if "Unsupported region" not in str(exc):
+            raise
+        raise UnsupportedRegionError(
+            f"region {region}: the SageMaker PyTorch {FRAMEWORK_VERSION} ({PY_VERSION}) framework images this "
+            "pipeline runs on are not available there; choose another region") from None
+
+
+def _debugger_rules(stop_training: bool, support: DebuggerSupport) -> list[Any]:
+    """Debugger rules (with an optional StopTraining action) and the profiler rules for the best-model job, as
+    far as the region has the rule image (``support``).
 
     Pipeline training jobs are named ``pipelines-<execution>-TrainBestModel-...`` at run time, so the StopTraining
     action gets the fixed prefix ``pipelines-`` (the SDK would otherwise write the timestamped name it generates).
@@ -234,12 +315,15 @@ def _debugger_rules(stop_training: bool) -> list[Any]:
     extra: dict[str, Any] = {}
     if stop_training:
         extra["actions"] = rule_configs.ActionList(rule_configs.StopTraining(training_job_prefix="pipelines-"))
-    rules: list[Any] = [
-        Rule.sagemaker(factory(), name=name, rule_parameters=dict(params),
-                       collections_to_save=[DEBUGGER_COLLECTIONS[c] for c in collections], **extra)
-        for name, (factory, params, collections) in DEBUGGER_RULES.items()
-    ]
-    rules += [ProfilerRule.sagemaker(getattr(rule_configs, name)(), name=name) for name in PROFILER_RULES]
+    rules: list[Any] = []
+    if support.debugger_rules:
+        rules += [
+            Rule.sagemaker(factory(), name=name, rule_parameters=dict(params),
+                           collections_to_save=[DEBUGGER_COLLECTIONS[c] for c in collections], **extra)
+            for name, (factory, params, collections) in DEBUGGER_RULES.items()
+        ]
+    if support.profiler_rules:
+        rules += [ProfilerRule.sagemaker(getattr(rule_configs, name)(), name=name) for name in PROFILER_RULES]
     return rules
 
 
@@ -274,6 +358,18 @@ def get_pipeline(
     ``deploy_function_arn`` defaults to the function ``imgclf-deploy-approved-model`` in the role's account.
     ``tuning_strategy`` is ``Bayesian`` (default, with early stopping ``Auto``), ``Hyperband`` (its own early
     stopping; epochs become the Hyperband resource, from ``EpochsMin`` to ``EpochsMax``) or ``Random``.
+    ``use_spot_instances``: managed spot training, checkpointing per execution and step under
+    ``s3://<bucket>/<prefix>/executions/<PipelineExecutionId>/<StepName>/checkpoints`` (``TuneHyperparameters``,
+    ``TrainBestModel``); the local tuner gives each trial ``<that prefix>/<trial's training job name>``, and the
+    trainer does not resume a checkpoint of other data or another epoch target.
+
+    Regions: ARNs get the region's partition (:mod:`pipelines.arns`). Where the SageMaker PyTorch framework images
+    do not exist (per the SDK's tables) this raises :class:`UnsupportedRegionError` (the CLI prints it as one line
+    and exits 2). Where the Debugger rule evaluator image does not exist (``il-central-1``, ``ca-west-1``...),
+    ``TrainBestModel`` is built without the Debugger and Profiler rules, keeping the Debugger hook config and the
+    ProfilerConfig (neither needs an image); where the SDK supports no Debugger/Profiler at all
+    (``fw_utils.DEBUGGER_UNSUPPORTED_REGIONS``, e.g. ``us-gov-east-1``) those are left out too. Either way one
+    WARNING names the region and what was left out.
     """
     with sdk_build_context():
         return _build_pipeline(
@@ -294,9 +390,14 @@ def _build_pipeline(
         raise ValueError(f"tuning_strategy must be one of {', '.join(TUNING_STRATEGIES)}, not {tuning_strategy!r}")
     if not role.startswith("arn:"):
         raise ValueError(f"role must be an IAM role ARN, got {role!r}")
+    cpu_image, gpu_image, inference_image = framework_images(region)
+    support = debugger_support(region)
+    if support.omitted():
+        logger.warning("region %s: %s; %s is built without %s", region, support.reason(), STEP_TRAIN,
+                       ", ".join(support.omitted()))
     if deploy_function_arn is None:
         account = role.split(":")[4] or "000000000000"
-        deploy_function_arn = f"arn:aws:lambda:{region}:{account}:function:{DEFAULT_DEPLOY_FUNCTION_NAME}"
+        deploy_function_arn = arns.lambda_function_arn(region, account, DEFAULT_DEPLOY_FUNCTION_NAME)
     session = sagemaker_session or make_session(region, default_bucket)
     p = pipeline_parameters(default_bucket, base_job_prefix, endpoint_name)
     execution_root = [default_bucket, base_job_prefix, "executions", ExecutionVariables.PIPELINE_EXECUTION_ID]
@@ -310,12 +411,6 @@ def _build_pipeline(
                              SageMakerJobExceptionTypeEnum.INTERNAL_ERROR],
             interval_seconds=60, backoff_rate=2.0, max_attempts=5),
     ]
-    cpu_image = image_uris.retrieve("pytorch", region, version=FRAMEWORK_VERSION, py_version=PY_VERSION,
-                                    instance_type=CPU_REFERENCE_INSTANCE, image_scope="training")
-    gpu_image = image_uris.retrieve("pytorch", region, version=FRAMEWORK_VERSION, py_version=PY_VERSION,
-                                    instance_type=GPU_REFERENCE_INSTANCE, image_scope="training")
-    inference_image = image_uris.retrieve("pytorch", region, version=FRAMEWORK_VERSION, py_version=PY_VERSION,
-                                          instance_type=INFERENCE_INSTANCE_TYPES[0], image_scope="inference")
     code_input = ProcessingInput(source=code.src_prefix, destination=CODE_DIR, input_name="code")
 
     # 1. PrepareData -------------------------------------------------------------------------------------------
@@ -353,12 +448,12 @@ def _build_pipeline(
         "arch": p["Arch"], "pretrained": p["Pretrained"], "image_size": p["ImageSize"],
         "workers": p["DataLoaderWorkers"],
     }
-    spot: dict[str, Any] = {}
-    if use_spot_instances:
-        spot = {"use_spot_instances": True, "max_wait": max_run_seconds * 2,
-                "checkpoint_s3_uri": f"s3://{default_bucket}/{base_job_prefix}/checkpoints"}
-
     def estimator(kind: str, hyperparameters: dict[str, Any], **extra: Any) -> PyTorch:
+        spot: dict[str, Any] = {}
+        if use_spot_instances:
+            # One checkpoint location per execution and step: no job resumes another execution's checkpoint.
+            spot = {"use_spot_instances": True, "max_wait": max_run_seconds * 2,
+                    "checkpoint_s3_uri": _s3_join(*execution_root, kind, "checkpoints")}
         return PyTorch(
             entry_point="training/train.py", source_dir=code.sourcedir, image_uri=gpu_image,
             role=role, instance_count=1, instance_type=p["TrainingInstanceType"], volume_size=100,
@@ -414,10 +509,12 @@ def _build_pipeline(
     train_root = [*execution_root, STEP_TRAIN]
     train_estimator = estimator(
         STEP_TRAIN, best_hyperparameters,
-        debugger_hook_config=_debugger_hook_config(_s3_join(*train_root, "debug-output")),
-        rules=_debugger_rules(stop_training_on_rule_issue),
+        debugger_hook_config=_debugger_hook_config(_s3_join(*train_root, "debug-output")) if support.hook else False,
+        rules=_debugger_rules(stop_training_on_rule_issue, support) or None,
         profiler_config=ProfilerConfig(system_monitor_interval_millis=SYSTEM_MONITOR_INTERVAL_MS,
-                                       s3_output_path=_s3_join(*train_root, "profiler-output")),
+                                       s3_output_path=_s3_join(*train_root, "profiler-output"))
+        if support.profiler else None,
+        **({} if support.profiler else {"disable_profiler": True}),
     )
     step_train = TrainingStep(
         name=STEP_TRAIN,

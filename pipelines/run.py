@@ -153,8 +153,9 @@ def resolve_settings(args: argparse.Namespace, env: dict[str, str] | os._Environ
 
 def build_definition_json(settings: Settings, upload: Callable[[str, bytes], None] | None) -> str:
     """Build the code bundles, upload them through ``upload(s3_uri, data)`` (if given) and return the definition."""
+    from pipelines.arns import UnknownRegionError
     from pipelines.packaging import build_code_bundles, code_locations, project_root, upload_code_bundles
-    from pipelines.pipeline import get_pipeline, pipeline_definition
+    from pipelines.pipeline import UnsupportedRegionError, framework_images, get_pipeline, pipeline_definition
 
     if not settings.region:
         raise UserError("no AWS region: set AWS_REGION or pass --region")
@@ -165,12 +166,16 @@ def build_definition_json(settings: Settings, upload: Callable[[str, bytes], Non
                         f"got {settings.role_arn!r}")
     if not settings.bucket:
         raise UserError("no artifact bucket: set ARTIFACT_BUCKET or pass --bucket")
-    bundles = build_code_bundles(project_root())
-    locations = code_locations(settings.bucket, settings.base_job_prefix, bundles)
-    if upload is not None:
-        upload_code_bundles(bundles, locations, upload)
-    pipeline = get_pipeline(settings.region, settings.role_arn, settings.bucket, locations,
-                            **settings.pipeline_kwargs())
+    try:
+        framework_images(settings.region)  # a region without the PyTorch images: one line, before any work
+        bundles = build_code_bundles(project_root())
+        locations = code_locations(settings.bucket, settings.base_job_prefix, bundles)
+        if upload is not None:
+            upload_code_bundles(bundles, locations, upload)
+        pipeline = get_pipeline(settings.region, settings.role_arn, settings.bucket, locations,
+                                **settings.pipeline_kwargs())
+    except (UnsupportedRegionError, UnknownRegionError) as exc:
+        raise UserError(str(exc)) from None
     return pipeline_definition(pipeline)
 
 
@@ -297,8 +302,8 @@ def sagemaker_upsert(clients: AwsClients, settings: Settings) -> dict[str, Any]:
 
     if not settings.bucket:
         raise UserError("no artifact bucket: set ARTIFACT_BUCKET or pass --bucket")
+    definition = build_definition_json(settings, upload=None)  # first: a region problem fails before any AWS call
     upload_bundles_if_missing(clients.s3, settings)
-    definition = build_definition_json(settings, upload=None)
     description = "Image classification: prepare, tune, train, evaluate, register, deploy."
     try:
         clients.sagemaker.describe_model_package_group(ModelPackageGroupName=settings.model_package_group_name)

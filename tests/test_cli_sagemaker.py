@@ -179,3 +179,75 @@ def test_parse_parameters_normalises_values():
     assert run.parse_parameters(["MaxTrainingJobs=04", "AccuracyThreshold=0.75", "Arch=resnet18"]) == [
         {"Name": "MaxTrainingJobs", "Value": "4"}, {"Name": "AccuracyThreshold", "Value": "0.75"},
         {"Name": "Arch", "Value": "resnet18"}]
+
+
+# --- regions and partitions (definition only: no AWS call) ----------------------------------------------------------
+
+def _definition_steps(out: str) -> dict[str, dict]:
+    steps: dict[str, dict] = {}
+
+    def walk(items: list[dict]) -> None:
+        for step in items:
+            steps[step["Name"]] = step
+            if step["Type"] == "Condition":
+                walk(step["Arguments"]["IfSteps"])
+                walk(step["Arguments"]["ElseSteps"])
+
+    walk(json.loads(out)["Steps"])
+    return steps
+
+
+def _warnings(err: str) -> list[str]:
+    assert "Traceback" not in err, err
+    return [line for line in err.splitlines() if line.startswith("WARNING")]
+
+
+@pytest.mark.fast
+def test_region_without_debugger_rule_image_builds_without_the_rules(aws_env, capsys):
+    """il-central-1 has PyTorch images but no Debugger rule evaluator image: no rules, hook and profiler kept."""
+    assert run.main(["--target", "sagemaker", "--region", "il-central-1", "definition"]) == 0
+    captured = capsys.readouterr()
+    train = _definition_steps(captured.out)[pl.STEP_TRAIN]["Arguments"]
+    assert "il-central-1" in train["AlgorithmSpecification"]["TrainingImage"]
+    assert not train.get("DebugRuleConfigurations") and not train.get("ProfilerRuleConfigurations")
+    assert {c["CollectionName"] for c in train["DebugHookConfig"]["CollectionConfigurations"]} >= {"losses"}
+    assert train["ProfilerConfig"]["DisableProfiler"] is False
+    (warning,) = _warnings(captured.err)
+    assert "il-central-1" in warning and "rule evaluator image" in warning
+    assert "Debugger rules (LossNotDecreasing" in warning and "Profiler rules (LowGPUUtilization" in warning
+    assert "hook" not in warning
+
+
+@pytest.mark.fast
+def test_region_without_framework_images_is_a_one_line_error(aws_env, capsys):
+    argv = ["--target", "sagemaker", "--region", "us-iso-east-1",
+            "--role-arn", "arn:aws-iso:iam::123456789012:role/SageMakerPipelineRole", "definition"]
+    assert run.main(argv) == 2
+    line = _one_line_error(capsys)
+    assert "us-iso-east-1" in line and "PyTorch" in line
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(("region", "partition", "debugger"), [
+    ("cn-north-1", "aws-cn", True), ("us-gov-west-1", "aws-us-gov", True), ("us-gov-east-1", "aws-us-gov", False)])
+def test_china_and_govcloud_definitions_use_their_partition(aws_env, capsys, region, partition, debugger):
+    role = f"arn:{partition}:iam::123456789012:role/SageMakerPipelineRole"
+    assert run.main(["--target", "sagemaker", "--region", region, "--role-arn", role, "definition"]) == 0
+    captured = capsys.readouterr()
+    steps = _definition_steps(captured.out)
+    # the default deploy function lives in the role's account, in the region's partition
+    assert steps[pl.STEP_DEPLOY]["FunctionArn"] == (
+        f"arn:{partition}:lambda:{region}:123456789012:function:{pl.DEFAULT_DEPLOY_FUNCTION_NAME}")
+    assert "arn:aws:" not in captured.out
+    train = steps[pl.STEP_TRAIN]["Arguments"]
+    assert train["RoleArn"] == role
+    suffix = ".amazonaws.com.cn/" if partition == "aws-cn" else ".amazonaws.com/"
+    assert f".dkr.ecr.{region}{suffix}pytorch-training:" in train["AlgorithmSpecification"]["TrainingImage"]
+    if debugger:
+        assert len(train["DebugRuleConfigurations"]) == len(pl.DEBUGGER_RULES) and not _warnings(captured.err)
+        assert all(f".dkr.ecr.{region}{suffix}" in r["RuleEvaluatorImage"] for r in train["DebugRuleConfigurations"])
+    else:  # the SDK supports no Debugger/Profiler in us-gov-east-1: all of it is left out, with one warning
+        assert not {"DebugHookConfig", "DebugRuleConfigurations", "ProfilerRuleConfigurations"} & set(train)
+        assert train["ProfilerConfig"] == {"DisableProfiler": True}
+        (warning,) = _warnings(captured.err)
+        assert region in warning and "Debugger hook config" in warning and "Profiler config" in warning

@@ -217,6 +217,44 @@ def test_overfit_trips_on_tiny_training_set_only(runs: dict[str, Path]) -> None:
 
 
 @pytest.mark.slow
+def test_overfit_reads_its_documented_parameters(runs: dict[str, Path]) -> None:
+    """AWS's Overfit takes tensor_regex, start_step, patience, ratio_threshold; patience_train and
+    patience_validation are Overtraining's and make the rule report Error instead of silently using defaults."""
+    def named(name: str, **params: str) -> dict:
+        return {**_rule("Overfit", **params), "RuleConfigurationName": name}
+
+    statuses = _by_name(debugger.evaluate_rules(_request([
+        named("Patience2", patience="2"),
+        named("VeryPatient", patience="1000"),
+        named("StartsAfterTheEnd", start_step="1000000"),
+        named("HighThreshold", ratio_threshold="1e12"),  # its training loss gets near 0: huge ratios
+        named("OvertrainingNames", patience_train="5", patience_validation="10"),
+    ]), runs["overfit"]))
+    assert statuses["Patience2"]["RuleEvaluationStatus"] == "IssuesFound", statuses["Patience2"]
+    assert "for 2 validation pass(es)" in statuses["Patience2"]["StatusDetails"]
+    for name in ("VeryPatient", "StartsAfterTheEnd", "HighThreshold"):
+        assert statuses[name]["RuleEvaluationStatus"] == "NoIssuesFound", statuses[name]
+    wrong = statuses["OvertrainingNames"]
+    assert wrong["RuleEvaluationStatus"] == "Error"
+    assert "Overfit has no parameter patience_train, patience_validation" in wrong["StatusDetails"]
+
+
+@pytest.mark.slow
+def test_the_pipelines_own_rule_parameters_run_locally(runs: dict[str, Path]) -> None:
+    """Every Debugger rule exactly as the definition configures it (pipelines.pipeline.DEBUGGER_RULES) is
+    accepted by its local implementation."""
+    from sagemaker.debugger import Rule
+
+    from pipelines.pipeline import DEBUGGER_RULES
+
+    configs = [Rule.sagemaker(factory(), name=name, rule_parameters=dict(params)).to_debugger_rule_config_dict()
+               for name, (factory, params, _) in DEBUGGER_RULES.items()]
+    statuses = debugger.evaluate_rules(_request(configs), runs["healthy"])
+    assert {s["RuleConfigurationName"] for s in statuses} == set(DEBUGGER_RULES)
+    assert not [s for s in statuses if s["RuleEvaluationStatus"] == "Error"], statuses
+
+
+@pytest.mark.slow
 def test_other_rules_and_errors_on_the_healthy_run(runs: dict[str, Path]) -> None:
     request = _request(
         [

@@ -21,6 +21,7 @@ from botocore.validate import ParamValidator
 
 from pipelines import packaging
 from pipelines import pipeline as pl
+from training.serving_code import SERVING_FILES
 
 pytestmark = pytest.mark.fast
 
@@ -198,8 +199,11 @@ def test_variant_requests_are_valid(variant):
     assert "IntegerParameterRanges" not in config["ParameterRanges"] or not any(
         r["Name"] == "epochs" for r in config["ParameterRanges"]["IntegerParameterRanges"])
     assert tune["TrainingJobDefinition"]["EnableManagedSpotTraining"] is True
-    assert tune["TrainingJobDefinition"]["CheckpointConfig"]["S3Uri"].startswith(f"s3://{BUCKET}/")
     train = steps[pl.STEP_TRAIN]["Arguments"]
+    # checkpoints per execution and step (the local tuner adds each trial's job name; see test_definition_fixes)
+    for name, args in ((pl.STEP_TUNE, tune["TrainingJobDefinition"]), (pl.STEP_TRAIN, train)):
+        assert args["CheckpointConfig"]["S3Uri"] == {"Std:Join": {"On": "/", "Values": [
+            "s3:/", BUCKET, "imgclf", "executions", {"Get": "Execution.PipelineExecutionId"}, name, "checkpoints"]}}
     validate("sagemaker", "CreateTrainingJob", {**train, "TrainingJobName": "t"})
     assert train["HyperParameters"]["epochs"] == {"Std:Join": {"On": "", "Values": [{"Get": "Parameters.EpochsMax"}]}}
     # smdebug_rulesconfig serialises actions as JSON with escaped quotes
@@ -356,14 +360,14 @@ def test_condition_reads_the_evaluation_property_file(definition):
     assert condition["LeftValue"] in message and {"Get": "Parameters.AccuracyThreshold"} in message
 
 
-def test_registration_without_repack(definition, bundles):
-    code = packaging.code_locations(BUCKET, "imgclf", bundles)
+def test_registration_without_repack(definition):
     steps = all_steps(definition)
     assert not any("Repack" in name for name in steps)
     args = steps[pl.STEP_REGISTER_DEFINITION_NAME]["Arguments"]
     (container,) = args["InferenceSpecification"]["Containers"]
     assert container["Environment"]["SAGEMAKER_PROGRAM"] == "inference.py"
-    assert container["Environment"]["SAGEMAKER_SUBMIT_DIRECTORY"] == code.serving
+    # the handler travels in model.tar.gz under code/ (training/serving_code.py): no serving bundle
+    assert "SAGEMAKER_SUBMIT_DIRECTORY" not in container["Environment"]
     assert container["ModelDataUrl"] == {"Get": "Steps.TrainBestModel.ModelArtifacts.S3ModelArtifacts"}
     assert "pytorch-inference" in container["Image"] and REGION in container["Image"]
     spec = args["InferenceSpecification"]
@@ -402,7 +406,7 @@ def _members(blob: bytes) -> list[tarfile.TarInfo]:
 
 def test_bundles_are_reproducible_and_follow_the_contract(bundles):
     again = packaging.build_code_bundles(ROOT)
-    assert (again.sha, again.sourcedir, again.serving) == (bundles.sha, bundles.sourcedir, bundles.serving)
+    assert (again.sha, again.sourcedir) == (bundles.sha, bundles.sourcedir)
     source = _members(bundles.sourcedir)
     names = [m.name for m in source]
     assert names == sorted(names)
@@ -411,15 +415,12 @@ def test_bundles_are_reproducible_and_follow_the_contract(bundles):
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
     if "training/requirements.txt" in names:
         assert "requirements.txt" in names
-    serving = sorted(m.name for m in _members(bundles.serving))
-    assert serving == ["inference.py", "training/__init__.py", "training/archives.py", "training/images.py",
-                       "training/model.py"]
 
 
 def test_sha_changes_with_content_and_ignores_caches(tmp_path):
     for package in packaging.SOURCE_PACKAGES:
         (tmp_path / package).mkdir()
-    for rel in ("inference/inference.py", *packaging.SERVING_EXTRA_FILES, "steps/preprocess.py"):
+    for rel in (*SERVING_FILES, "steps/preprocess.py"):
         (tmp_path / rel).write_text(f"# {rel}\n")
     first = packaging.build_code_bundles(tmp_path)
     (tmp_path / "steps" / "__pycache__").mkdir()
@@ -429,14 +430,13 @@ def test_sha_changes_with_content_and_ignores_caches(tmp_path):
     (tmp_path / "steps" / "preprocess.py").write_text("# changed\n")
     changed = packaging.build_code_bundles(tmp_path)
     assert changed.sha != first.sha and changed.sourcedir != first.sourcedir
-    assert changed.serving == first.serving
 
 
 def test_upload_writes_every_bundle_under_the_content_address(bundles):
     stored: dict[str, bytes] = {}
     code = packaging.code_locations("b", "pre/fix", bundles)
     packaging.upload_code_bundles(bundles, code, stored.__setitem__)
-    assert list(stored)[-1] == f"s3://b/pre/fix/code/{bundles.sha}/serving.tar.gz"
+    assert list(stored)[-1] == code.sourcedir  # last: its presence means the upload is complete
     assert stored[code.sourcedir] == bundles.sourcedir
     assert stored[f"s3://b/pre/fix/code/{bundles.sha}/src/steps/evaluate.py"] == bundles.files["steps/evaluate.py"]
     with pytest.raises(ValueError):

@@ -315,3 +315,128 @@ def test_bad_files_become_markers_and_validation_uses_training_classes(tmp_path:
     make_dataset(tmp_path / "val2", per_class=1, size=32, seed=4, classes=["circle", "cross"])
     with pytest.raises(ValueError, match="lacks: \\['cross'\\]"):
         train.SafeImageFolder(tmp_path / "val2", None, class_to_idx=dataset.class_to_idx, allow_empty=True)
+
+
+# --------------------------------------------------------------------------- resume: data and epoch target
+
+TINY_HPS = {"arch": "mobilenet_v2", "epochs": "1", "batch_size": "8", "image_size": "32", "workers": "0",
+            "pretrained": "none", "seed": "7", "system_monitor_interval_ms": "1000"}
+
+
+def _tiny_data(root: Path, per_class: int, seed: int) -> Path:
+    make_dataset(root / "train", per_class=per_class, size=32, seed=seed, classes=CLASSES[:2])
+    make_dataset(root / "validation", per_class=2, size=32, seed=seed + 1, classes=CLASSES[:2])
+    return root
+
+
+def _train_in_process(data: Path, checkpoints: Path, out: Path, **overrides: str) -> dict:
+    """train.run as SageMaker would call it (string hyperparameters); returns profiler/summary.json."""
+    import torch
+
+    args: list[str] = []
+    for name, value in {**TINY_HPS, **overrides}.items():
+        args += [f"--{name}", value]
+    args += ["--train", str(data / "train"), "--validation", str(data / "validation"),
+             "--checkpoint-dir", str(checkpoints), "--model-dir", str(out / "model"),
+             "--output-data-dir", str(out / "data")]
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        assert train.run(args) == 0
+    finally:  # main() configures determinism for the process; give pytest's back
+        torch.use_deterministic_algorithms(deterministic)
+    assert (out / "model" / "model.pth").is_file()
+    return json.loads((out / "data" / "profiler" / "summary.json").read_text())
+
+
+@pytest.fixture
+def finished_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
+    """Data A and the checkpoint of a finished 1-epoch run on it."""
+    data = _tiny_data(tmp_path / "data_a", per_class=4, seed=1)
+    checkpoints = tmp_path / "checkpoints"
+    summary = _train_in_process(data, checkpoints, tmp_path / "first")
+    assert summary["resumed"] is False and summary["epochs_completed"] == 1
+    return data, checkpoints
+
+
+def _stale_files(checkpoints: Path) -> list[Path]:
+    return sorted(checkpoints.glob(f"{train.CHECKPOINT_FILE}.stale-*"))
+
+
+@pytest.mark.fast
+def test_checkpoint_of_other_data_is_moved_aside_and_training_starts_over(
+        finished_checkpoint: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+
+    _, checkpoints = finished_checkpoint
+    other = _tiny_data(tmp_path / "data_b", per_class=5, seed=3)  # same classes and hyperparameters, other data
+    with caplog.at_level("WARNING", logger="training.train"):
+        summary = _train_in_process(other, checkpoints, tmp_path / "second")
+    # before: "resumed" at epoch 2 of 1, trained nothing and shipped the previous run's model
+    assert summary["resumed"] is False and summary["start_epoch"] == 1 and summary["epochs_completed"] == 1
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING" and "not resuming" in r.getMessage()]
+    assert "other data" in warning.getMessage() and "starting at epoch 1" in warning.getMessage()
+    (stale,) = _stale_files(checkpoints)
+    assert stale.name in warning.getMessage()
+    fresh = torch.load(checkpoints / train.CHECKPOINT_FILE, weights_only=True)
+    assert (fresh["epoch"], fresh["epochs"]) == (1, 1)  # the checkpoint records the epoch target and the data
+    assert fresh["data_fingerprint"] == train._data_fingerprint({"train": other / "train",
+                                                                   "validation": other / "validation"})
+
+
+@pytest.mark.fast
+def test_checkpoint_of_another_epoch_target_is_not_resumed(
+        finished_checkpoint: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data, checkpoints = finished_checkpoint
+    with caplog.at_level("WARNING", logger="training.train"):
+        summary = _train_in_process(data, checkpoints, tmp_path / "second", epochs="2")
+    assert summary["resumed"] is False and summary["start_epoch"] == 1 and summary["epochs_completed"] == 2
+    assert "written for a run of 1 epochs, this job trains 2" in caplog.text
+    assert len(_stale_files(checkpoints)) == 1
+
+
+@pytest.mark.fast
+def test_genuine_resume_of_a_finished_checkpoint_keeps_working(
+        finished_checkpoint: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # e.g. a spot interruption after the last epoch's checkpoint, before the model was uploaded
+    data, checkpoints = finished_checkpoint
+    with caplog.at_level("WARNING", logger="training.train"):
+        summary = _train_in_process(data, checkpoints, tmp_path / "restarted")
+    assert summary["resumed"] is True and summary["start_epoch"] == 2 and summary["epochs_completed"] == 0
+    assert "not resuming" not in caplog.text and not _stale_files(checkpoints)
+    # other hyperparameters on the same data: still refused, checkpoint left alone (as before)
+    before = (checkpoints / train.CHECKPOINT_FILE).read_bytes()
+    args = [f"--{k}={v}" for k, v in {**TINY_HPS, "lr": "0.5"}.items()]
+    args += [f"--train={data / 'train'}", f"--validation={data / 'validation'}", f"--checkpoint-dir={checkpoints}",
+             f"--model-dir={tmp_path / 'other' / 'model'}", f"--output-data-dir={tmp_path / 'other' / 'data'}"]
+    import torch
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        assert train.run(args) == 2
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert "belongs to a run with other hyperparameters" in caplog.text
+    assert (checkpoints / train.CHECKPOINT_FILE).read_bytes() == before and not _stale_files(checkpoints)
+
+
+@pytest.mark.fast
+def test_data_fingerprint_is_paths_and_sizes(tmp_path: Path) -> None:
+    for root in (tmp_path / "one", tmp_path / "two"):
+        (root / "train" / "cat").mkdir(parents=True)
+        (root / "validation" / "cat").mkdir(parents=True)
+        (root / "train" / "cat" / "a.jpg").write_bytes(b"12345")
+        (root / "validation" / "cat" / "b.jpg").write_bytes(b"123")
+
+    def fingerprint(root: Path) -> str:
+        return train._data_fingerprint({"train": root / "train", "validation": root / "validation"})
+
+    first = fingerprint(tmp_path / "one")
+    assert fingerprint(tmp_path / "two") == first  # where the channels are mounted does not matter
+    os.utime(tmp_path / "two" / "train" / "cat" / "a.jpg", (0, 0))
+    assert fingerprint(tmp_path / "two") == first  # neither do mtimes (S3 downloads reset them)
+    (tmp_path / "two" / "train" / "cat" / "a.jpg").write_bytes(b"1234")
+    assert fingerprint(tmp_path / "two") != first
+    (tmp_path / "two" / "train" / "cat" / "a.jpg").write_bytes(b"12345")
+    assert fingerprint(tmp_path / "two") == first
+    (tmp_path / "two" / "validation" / "cat" / "b.jpg").rename(tmp_path / "two" / "train" / "cat" / "b.jpg")
+    assert fingerprint(tmp_path / "two") != first  # a file moved from validation to train

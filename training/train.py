@@ -16,9 +16,12 @@ Outputs
   ``model_config.json``, CONTRACTS §5; ``classes`` in ``class_to_idx`` order).
 * ``checkpoint-dir/checkpoint.pth`` after every epoch (written to a temp file, fsynced, renamed): model,
   optimizer, scheduler, epoch, best weights/epoch/accuracy, early-stopping counter, epoch history, RNG
-  states (python, numpy, torch, CUDA), bad files seen, and a fingerprint of the hyperparameters that shape
-  training. A restarted job (managed spot) resumes after the last finished epoch; a checkpoint whose
-  fingerprint or classes differ is refused with an error (nothing is overwritten).
+  states (python, numpy, torch, CUDA), bad files seen, a fingerprint of the hyperparameters that shape
+  training, a fingerprint of the data (sorted relative paths and sizes of the train and validation channel
+  files) and the epoch target (``--epochs``). A restarted job (managed spot) resumes after the last finished
+  epoch. A checkpoint of other data or another epoch target is not resumed: a WARNING says why, the file is
+  renamed ``checkpoint.pth.stale-<UTC time>`` and training starts at epoch 1. A checkpoint of the same data
+  whose hyperparameter fingerprint or classes differ is refused with an error (nothing is overwritten).
 * ``output-data-dir`` (CONTRACTS §6):
 
   - ``metrics/epochs.jsonl``: one object per finished epoch (the whole history, rewritten atomically
@@ -552,6 +555,23 @@ def _fingerprint(args: argparse.Namespace, classes: list[str]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _data_fingerprint(channels: dict[str, str | Path]) -> str:
+    """Fingerprint of the data: the sorted relative paths and sizes of every file of each channel (one ``stat``
+    per file; contents are not read). Another data set, or the same one re-split, gives another fingerprint."""
+    digest = hashlib.sha256()
+    for name, root in sorted(channels.items()):
+        base = Path(root)
+        entries = []
+        for dirpath, _, filenames in os.walk(base, followlinks=True):  # as ImageFolder walks it
+            for filename in filenames:
+                path = Path(dirpath) / filename
+                with contextlib.suppress(OSError):
+                    entries.append((path.relative_to(base).as_posix(), path.stat().st_size))
+        for rel, size in sorted(entries):
+            digest.update(f"{name}/{rel}\0{size}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def _build_network(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, str | None]:
     """The model, and the name of the pretrained weights actually loaded (None: from scratch)."""
     weights = resolve_weights(args.arch, args.pretrained)
@@ -601,7 +621,38 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, fingerprint: str, classes: list[str]) -> dict[str, Any] | None:
+def _stale_reason(state: dict[str, Any], fingerprint: str, data_fingerprint: str, epochs: int) -> str | None:
+    """Why a checkpoint belongs to an earlier run that must not be resumed (other data, or the same data and
+    hyperparameters with another epoch target), or None. Same data with other hyperparameters is not stale: the
+    caller refuses it (two jobs sharing a checkpoint directory)."""
+    recorded = state.get("data_fingerprint")
+    if recorded is None:
+        return "it records no data fingerprint (written by an older trainer), so its data cannot be checked"
+    if recorded != data_fingerprint:
+        return (f"it was written for other data (data fingerprint {recorded}, the train and validation channels "
+                f"now give {data_fingerprint})")
+    if state.get("fingerprint") != fingerprint:
+        return None
+    if state.get("epochs") != epochs:
+        return f"it was written for a run of {state.get('epochs')} epochs, this job trains {epochs}"
+    return None
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a stale checkpoint to ``<name>.stale-<UTC time>`` (never overwriting an earlier one)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.stale-{stamp}")
+    counter = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.stale-{stamp}-{counter}")
+        counter += 1
+    os.replace(path, target)
+    return target
+
+
+def _load_checkpoint(path: Path, fingerprint: str, classes: list[str], data_fingerprint: str,
+                     epochs: int) -> dict[str, Any] | None:
+    """The checkpoint to resume from, or None (none there, or a stale one that was moved aside)."""
     if not path.is_file():
         return None
     try:
@@ -610,6 +661,11 @@ def _load_checkpoint(path: Path, fingerprint: str, classes: list[str]) -> dict[s
         raise RuntimeError(f"checkpoint {path} cannot be read ({exc}); move it away to start afresh") from exc
     if state.get("version") != CHECKPOINT_VERSION:
         raise RuntimeError(f"checkpoint {path} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+    stale = _stale_reason(state, fingerprint, data_fingerprint, epochs)
+    if stale:
+        moved = _move_aside(path)
+        logger.warning("not resuming from %s: %s; moved it to %s and starting at epoch 1", path, stale, moved.name)
+        return None
     if state["classes"] != classes:
         raise ValueError(f"checkpoint {path} was trained on classes {state['classes']}, the training channel has "
                          f"{classes}; use another --checkpoint-dir")
@@ -669,8 +725,9 @@ def _run(args: argparse.Namespace, device: torch.device, output_dir: Path, monit
     if args.amp and not amp:
         logger.info("--amp requested but training on %s: bf16 autocast is CUDA-only, running in float32", device)
     fingerprint = _fingerprint(args, classes)
+    data_fingerprint = _data_fingerprint({"train": args.train, "validation": args.validation})
     checkpoint_path = Path(args.checkpoint_dir) / CHECKPOINT_FILE
-    checkpoint = _load_checkpoint(checkpoint_path, fingerprint, classes)
+    checkpoint = _load_checkpoint(checkpoint_path, fingerprint, classes, data_fingerprint, args.epochs)
     if checkpoint is None:
         model, weights_used = _build_network(args, len(classes))
     else:  # every weight comes from the checkpoint: no download needed (a restarted job may be offline)
@@ -752,6 +809,7 @@ def _run(args: argparse.Namespace, device: torch.device, output_dir: Path, monit
                 "epochs_without_improvement": stale_epochs, "early_stopped": early_stopped, "history": history,
                 "rng": _rng_state(), "bad_files": bad_files.as_list(), "classes": classes,
                 "fingerprint": fingerprint, "weights_used": weights_used,
+                "data_fingerprint": data_fingerprint, "epochs": args.epochs,
                 "hyperparameters": {key: getattr(args, key) for key in FINGERPRINT_KEYS},
             })
             sys.stdout.write(format_epoch_metrics(epoch, **{k: row[k] for k in

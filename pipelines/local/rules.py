@@ -9,8 +9,12 @@ our pipeline attaches, following the parameters and semantics AWS documents for 
 * profiler rules (read the trainer's ``profiler/*.jsonl`` side outputs, CONTRACTS §6): ``LowGPUUtilization``
   and the data-loading analysis the ``ProfilerReport`` aggregates.
 
-Rule parameters arrive as the definition's ``RuleParameters`` strings; every class parses its own and raises
-:class:`RuleParameterError` with the offending name and value when one is malformed.
+Rule parameters arrive as the definition's ``RuleParameters`` strings (``rule_to_invoke`` and ``action_json``, which
+the SDK writes, are removed by the caller). Every tensor rule accepts exactly the parameters AWS documents for that
+built-in rule ("List of Debugger built-in rules", docs.aws.amazon.com/sagemaker/latest/dg/debugger-built-in-rules.html),
+listed with their documented defaults in its ``PARAMETERS``; an unknown name (e.g. Overtraining's ``patience_train``
+given to Overfit) or a malformed value raises :class:`RuleParameterError` naming it, so the rule reports ``Error``
+instead of silently running with defaults.
 Each tensor rule records human-readable sentences in ``findings`` (the last one explains why it fired) and
 ``notes`` (what it looked at), which the runner turns into ``StatusDetails``.
 """
@@ -119,9 +123,17 @@ class _Plateau:
 
 
 class _TensorRule(Rule):
-    """Common plumbing: parameter dict, findings/notes, loss tensor selection, mode lookup."""
+    """Common plumbing: parameter check, findings/notes, loss tensor selection, mode lookup."""
+
+    # The documented parameters of the built-in rule (``base_trial`` aside) and their documented defaults.
+    PARAMETERS: dict[str, Any] = {}
 
     def __init__(self, base_trial: Any, params: Mapping[str, Any]) -> None:
+        unknown = sorted(set(params) - set(self.PARAMETERS))
+        if unknown:
+            raise RuleParameterError(
+                f"{type(self).__name__} has no parameter {', '.join(unknown)} (its parameters: "
+                f"{', '.join(self.PARAMETERS) or 'none'})")
         # Actions (e.g. StopTraining) are never executed locally: the rules run after the job has finished.
         super().__init__(base_trial, action_str="")
         self.params = dict(params)
@@ -129,18 +141,30 @@ class _TensorRule(Rule):
         self.notes: list[str] = []
         self.evaluations = 0
 
+    def _param(self, name: str, kind: type) -> Any:
+        """A documented parameter, parsed, or its documented default."""
+        return _param(self.params, name, self.PARAMETERS[name], kind)
+
+    def _regex_list(self, name: str) -> list[str]:
+        """A documented list parameter (comma-separated string), or its documented default."""
+        default = self.PARAMETERS[name]
+        return _regex_list(self.params, name, [default] if isinstance(default, str) else default)
+
     def _mode_of(self, step: int) -> ModeKeys:
         try:
             return self.base_trial.mode(step)
         except Exception:  # noqa: BLE001 - smdebug raises several types for unknown steps
             return ModeKeys.GLOBAL
 
-    def _loss_names(self, regexes: list[str], use_losses_collection: bool = True) -> list[str]:
+    def _loss_names(self, regexes: list[str], use_losses_collection: bool = True,
+                    collection_names: list[str] | None = None) -> list[str]:
         names: set[str] = set()
         for pattern in regexes:
             names.update(self.base_trial.tensor_names(regex=pattern))
-        if use_losses_collection and "losses" in self.base_trial.collections():
-            names.update(self.base_trial.tensor_names(collection="losses"))
+        collections = self.base_trial.collections()
+        for collection in [*(collection_names or []), *(["losses"] if use_losses_collection else [])]:
+            if collection in collections:
+                names.update(self.base_trial.tensor_names(collection=collection))
         return sorted(names)
 
     def _value(self, name: str, step: int) -> float | None:
@@ -153,26 +177,28 @@ class _TensorRule(Rule):
 class LossNotDecreasing(_TensorRule):
     """Fires when the loss does not decrease by ``diff_percent`` % over at least ``num_steps`` steps.
 
-    Parameters (AWS defaults): ``tensor_regex`` (None), ``use_losses_collection`` (True), ``num_steps`` (10),
-    ``diff_percent`` (0.1), ``increase_threshold_percent`` (5), ``mode`` (EVAL, then TRAIN, then GLOBAL: the first
-    mode that has loss values). Evaluation happens every ``num_steps``: the loss at the current step is compared
-    with the loss at the last evaluated step, at least ``num_steps`` (mode steps) behind. The rule also fires when
-    the loss rises more than ``increase_threshold_percent`` % above the lowest value seen, or is not finite.
+    Parameters (AWS defaults): ``collection_names`` (None), ``tensor_regex`` (None), ``use_losses_collection``
+    (True), ``num_steps`` (10), ``diff_percent`` (0.0: the loss only has to decrease), ``mode`` (None: EVAL, then
+    TRAIN, then GLOBAL, the first mode that has loss values). Evaluation happens every ``num_steps``: the loss at the
+    current step is compared with the loss at the last evaluated step, at least ``num_steps`` (mode steps) behind.
+    A loss that is not finite fires at once.
     """
+
+    PARAMETERS = {"collection_names": None, "tensor_regex": None, "use_losses_collection": True, "num_steps": 10,
+                  "diff_percent": 0.0, "mode": None}
 
     def __init__(self, base_trial: Any, params: Mapping[str, Any]) -> None:
         super().__init__(base_trial, params)
-        self.tensor_regex = _regex_list(params, "tensor_regex")
-        self.use_losses_collection = _param(params, "use_losses_collection", True, bool)
-        self.num_steps = _param(params, "num_steps", 10, int)
-        self.diff_percent = _param(params, "diff_percent", 0.1, float)
-        self.increase_threshold_percent = _param(params, "increase_threshold_percent", 5.0, float)
+        self.collection_names = self._regex_list("collection_names")
+        self.tensor_regex = self._regex_list("tensor_regex")
+        self.use_losses_collection = self._param("use_losses_collection", bool)
+        self.num_steps = self._param("num_steps", int)
+        self.diff_percent = self._param("diff_percent", float)
         if self.num_steps < 1:
             raise RuleParameterError(f"rule parameter num_steps={self.num_steps} must be >= 1")
-        self.losses = self._loss_names(self.tensor_regex, self.use_losses_collection)
+        self.losses = self._loss_names(self.tensor_regex, self.use_losses_collection, self.collection_names)
         self.mode = _mode(params) or self._default_mode()
         self._last: dict[str, tuple[int, float]] = {}
-        self._best: dict[str, float] = {}
         self.notes.append(f"losses {self.losses or 'none found'} in mode {self.mode.name}")
 
     def _default_mode(self) -> ModeKeys:
@@ -197,22 +223,12 @@ class LossNotDecreasing(_TensorRule):
                 continue
             if name not in self._last:
                 self._last[name] = (mode_step, loss)
-                self._best[name] = loss
                 continue
             last_step, last_loss = self._last[name]
             if mode_step - last_step < self.num_steps:
                 continue
             self.evaluations += 1
-            best = self._best[name]
-            self._best[name] = min(best, loss)
             self._last[name] = (mode_step, loss)
-            if loss > best * (1 + self.increase_threshold_percent / 100.0) and loss > best:
-                self.findings.append(
-                    f"{name} rose to {_fmt(loss)} at {self.mode.name} step {mode_step}, more than "
-                    f"{self.increase_threshold_percent:g}% above its minimum {_fmt(best)}"
-                )
-                fired = True
-                continue
             decrease = (last_loss - loss) / abs(last_loss) * 100.0 if last_loss else 0.0
             if decrease < self.diff_percent:
                 self.findings.append(
@@ -248,22 +264,22 @@ class Overfit(_TensorRule):
     """Fires when validation loss exceeds training loss by more than ``ratio_threshold`` (relative) ``patience``
     times in a row.
 
-    Parameters (AWS defaults): ``tensor_regex`` (None: the ``losses`` collection), ``start_step`` (0),
-    ``patience`` (1), ``ratio_threshold`` (0.1). Each validation pass (a run of EVAL steps) is compared with the
-    training steps just before it: ``(mean_val - mean_train) / mean_train``. ``patience_train`` /
-    ``patience_validation`` are accepted as aliases of ``patience`` (the larger one is used).
+    Parameters (AWS defaults): ``tensor_regex`` (None: the ``losses`` collection), ``start_step`` (0: steps before
+    it are not compared), ``patience`` (1: how many comparisons in a row may exceed the threshold before the rule
+    fires), ``ratio_threshold`` (0.1: the largest allowed ``(mean validation loss - mean training loss) / mean
+    training loss``). Each validation pass (a run of EVAL steps) is compared with the training steps just before it.
     """
+
+    PARAMETERS = {"tensor_regex": None, "start_step": 0, "patience": 1, "ratio_threshold": 0.1}
 
     def __init__(self, base_trial: Any, params: Mapping[str, Any]) -> None:
         super().__init__(base_trial, params)
-        self.tensor_regex = _regex_list(params, "tensor_regex")
-        self.start_step = _param(params, "start_step", 0, int)
-        self.patience = max(
-            _param(params, "patience", 1, int),
-            _param(params, "patience_train", 0, int),
-            _param(params, "patience_validation", 0, int),
-        )
-        self.ratio_threshold = _param(params, "ratio_threshold", 0.1, float)
+        self.tensor_regex = self._regex_list("tensor_regex")
+        self.start_step = self._param("start_step", int)
+        self.patience = self._param("patience", int)
+        if self.patience < 1:
+            raise RuleParameterError(f"rule parameter patience={self.patience} must be >= 1")
+        self.ratio_threshold = self._param("ratio_threshold", float)
         self.losses = self._loss_names(self.tensor_regex)
         self._phases = _phases(base_trial, self.losses, self.start_step)
         self._phase_end = {steps[-1]: i for i, (_, steps, _) in enumerate(self._phases)}
@@ -300,18 +316,19 @@ class Overtraining(_TensorRule):
     """Fires when the training loss stops improving for ``patience_train`` saved training steps, or the validation
     loss for ``patience_validation`` validation passes.
 
-    Parameters (AWS defaults): ``tensor_regex`` (None: ``losses`` collection), ``patience_train`` (5),
-    ``patience_validation`` (10), ``delta`` (0.01: the minimum improvement that counts as a new optimum).
-    Training losses are compared per saved step; validation losses per validation pass (mean over its steps).
+    Parameters (AWS defaults): ``patience_train`` (5), ``patience_validation`` (10), ``delta`` (0.1: the minimum
+    improvement that counts as a new optimum). The losses are the ``losses`` collection. Training losses are
+    compared per saved step; validation losses per validation pass (mean over its steps).
     """
+
+    PARAMETERS = {"patience_train": 5, "patience_validation": 10, "delta": 0.1}
 
     def __init__(self, base_trial: Any, params: Mapping[str, Any]) -> None:
         super().__init__(base_trial, params)
-        self.tensor_regex = _regex_list(params, "tensor_regex")
-        self.patience_train = _param(params, "patience_train", 5, int)
-        self.patience_validation = _param(params, "patience_validation", 10, int)
-        self.delta = _param(params, "delta", 0.01, float)
-        self.losses = self._loss_names(self.tensor_regex)
+        self.patience_train = self._param("patience_train", int)
+        self.patience_validation = self._param("patience_validation", int)
+        self.delta = self._param("delta", float)
+        self.losses = self._loss_names([])
         self._phases = _phases(base_trial, self.losses)
         self._phase_end = {steps[-1]: i for i, (_, steps, _) in enumerate(self._phases)}
         self._train = _Plateau(self.delta)
@@ -352,9 +369,11 @@ class VanishingGradient(_TensorRule):
     Gradients are the ``gradients`` collection (falling back to tensors named ``gradient/...``).
     """
 
+    PARAMETERS = {"threshold": 1e-7}
+
     def __init__(self, base_trial: Any, params: Mapping[str, Any]) -> None:
         super().__init__(base_trial, params)
-        self.threshold = _param(params, "threshold", 1e-7, float)
+        self.threshold = self._param("threshold", float)
         names = base_trial.tensor_names(collection="gradients") if "gradients" in base_trial.collections() else []
         self.gradients = sorted(set(names) | set(base_trial.tensor_names(regex="^gradient/")))
         self.notes.append(f"{len(self.gradients)} gradient tensors; threshold {self.threshold:g}")
@@ -383,13 +402,16 @@ class PoorWeightInitialization(_TensorRule):
     * the loss does not reach a new minimum for ``patience`` (5) consecutive saved steps.
     """
 
+    PARAMETERS = {"activation_inputs_regex": ".*relu_input", "threshold": 10.0, "distribution_range": 0.001,
+                  "patience": 5, "steps": 10}
+
     def __init__(self, base_trial: Any, params: Mapping[str, Any]) -> None:
         super().__init__(base_trial, params)
-        self.activation_regex = _regex_list(params, "activation_inputs_regex", [".*relu_input"])
-        self.threshold = _param(params, "threshold", 10.0, float)
-        self.distribution_range = _param(params, "distribution_range", 0.001, float)
-        self.patience = _param(params, "patience", 5, int)
-        self.steps = _param(params, "steps", 10, int)
+        self.activation_regex = self._regex_list("activation_inputs_regex")
+        self.threshold = self._param("threshold", float)
+        self.distribution_range = self._param("distribution_range", float)
+        self.patience = self._param("patience", int)
+        self.steps = self._param("steps", int)
         self.activations = sorted({n for p in self.activation_regex for n in base_trial.tensor_names(regex=p)})
         collections = base_trial.collections()
         grads = base_trial.tensor_names(collection="gradients") if "gradients" in collections else []

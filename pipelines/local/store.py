@@ -21,12 +21,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from pipelines import arns
+
 LOCAL_BUCKET = "mlops-local"
 LOCAL_REGION = "us-east-1"
 LOCAL_ACCOUNT = "000000000000"
-LOCAL_ROLE_ARN = f"arn:aws:iam::{LOCAL_ACCOUNT}:role/MLOpsLocalExecutionRole"
+LOCAL_ROLE_ARN = arns.iam_role_arn(LOCAL_REGION, LOCAL_ACCOUNT, "MLOpsLocalExecutionRole")
 DEPLOY_FUNCTION_NAME = "imgclf-deploy-approved-model"
-DEPLOY_FUNCTION_ARN = f"arn:aws:lambda:{LOCAL_REGION}:{LOCAL_ACCOUNT}:function:{DEPLOY_FUNCTION_NAME}"
+DEPLOY_FUNCTION_ARN = arns.lambda_function_arn(LOCAL_REGION, LOCAL_ACCOUNT, DEPLOY_FUNCTION_NAME)
 
 
 def mlops_home() -> Path:

@@ -196,6 +196,17 @@ def run_tuning_job(request: Mapping[str, Any], tuning_job_name: str, step_dir: P
         if on_message:
             on_message(message)
 
+    def trial_request(hps: dict[str, str], job_name: str) -> dict[str, Any]:
+        """The trial's CreateTrainingJob request. SageMaker runs every trial as its own training job (its own
+        name); we keep trials from resuming each other's checkpoints by giving each one the prefix
+        ``<definition's CheckpointConfig.S3Uri>/<trial's training job name>``."""
+        job_request = {**training_request, "HyperParameters": hps}
+        checkpoint = training_request.get("CheckpointConfig") or {}
+        if checkpoint.get("S3Uri"):
+            job_request["CheckpointConfig"] = {**checkpoint,
+                                               "S3Uri": f"{str(checkpoint['S3Uri']).rstrip('/')}/{job_name}"}
+        return job_request
+
     def one_trial() -> None:
         while not control.stopped:
             with lock:
@@ -236,7 +247,7 @@ def run_tuning_job(request: Mapping[str, Any], tuning_job_name: str, step_dir: P
 
             status, reason, result = "Completed", None, None
             try:
-                result = jobs.run_training_job({**training_request, "HyperParameters": hps}, job_name,
+                result = jobs.run_training_job(trial_request(hps, job_name), job_name,
                                                step_dir / "trials" / job_name, artifacts, trial_log,
                                                on_line=on_line, control=control)
             except jobs.JobStopped as exc:
