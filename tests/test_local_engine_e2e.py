@@ -19,6 +19,7 @@ import pytest
 
 from pipelines import sample_data
 from pipelines.local.resolver import decode_hyperparameter
+from pipelines.local.store import ArtifactStore
 
 pytestmark = pytest.mark.slow
 
@@ -114,8 +115,22 @@ def test_tuner_ran_the_requested_trials_and_the_best_reached_training(runs):
     with tarfile.open(home / "artifacts" / uri[len("s3://"):]) as tar:
         names = tar.getnames()
         config = json.load(tar.extractfile("model_config.json"))
-    assert "model.pth" in names
+    assert {"model.pth", "code/inference.py", "code/training/model.py"} <= set(names)  # the handler travels along
     assert config["hyperparameters"]["optimizer"] == decode_hyperparameter(best["TunedHyperParameters"]["optimizer"])
+
+
+def test_debugger_and_profiler_outputs_reach_the_definitions_s3_paths(runs):
+    properties = _steps(runs, "first")["TrainBestModel"]["properties"]
+    store = ArtifactStore(runs["home"] / "artifacts")
+    job = properties["TrainingJobName"]
+    debug_root = properties["DebugHookConfig"]["S3OutputPath"].rstrip("/")
+    assert properties["DebugOutputS3Uri"] == f"{debug_root}/{job}/debug-output"
+    tensors = store.path(properties["DebugOutputS3Uri"])
+    assert any(tensors.rglob("*.tfevents")), sorted(p.name for p in tensors.rglob("*"))[:20]
+    profiler_root = properties["ProfilerConfig"]["S3OutputPath"].rstrip("/")
+    report = store.path(f"{profiler_root}/{job}/rule-output/ProfilerReport/profiler-output/profiler-report.html")
+    assert report.is_file() and report.stat().st_size > 0
+    assert (store.path(properties["ProfilerOutputS3Uri"]) / "system_metrics.jsonl").is_file()
 
 
 def test_model_registered_with_metrics_and_deployed_endpoint_answers(runs):

@@ -476,6 +476,8 @@ class LocalEngine:
                                            control=self.control, prepare=prepare)
             if debugger is not None:
                 result.update(_evaluate_debugger(debugger, arguments, Path(result["LocalJobDir"]), log_path))
+                result.update(_upload_debugger_outputs(debugger, arguments, result["TrainingJobName"],
+                                                       Path(result["LocalJobDir"]), self.artifacts))
             return result
         return self._run_cached(execution, step, run)
 
@@ -608,6 +610,34 @@ def _evaluate_debugger(debugger: Any, request: Mapping[str, Any], job_dir: Path,
         if result.get("ProfilerReport"):
             fh.write(f"[profiler] report: {result['ProfilerReport']}\n")
     return result
+
+
+def _upload_debugger_outputs(debugger: Any, request: Mapping[str, Any], job_name: str, job_dir: Path,
+                             artifacts: ArtifactStore) -> dict[str, Any]:
+    """Copy what Debugger and the Profiler left in the job to where SageMaker puts it: tensors to
+    ``<DebugHookConfig.S3OutputPath>/<job>/debug-output/``, each Debugger rule's output to
+    ``<DebugHookConfig.S3OutputPath>/<job>/rule-output/<rule>/``, each profiler rule's (the ProfilerReport) and the
+    trainer's profiler data to ``<ProfilerConfig.S3OutputPath>/<job>/{rule-output/<rule>,profiler-output}/``."""
+    uploaded: dict[str, str] = {}
+    debug_root = str((request.get("DebugHookConfig") or {}).get("S3OutputPath") or "").rstrip("/")
+    profiler_root = str((request.get("ProfilerConfig") or {}).get("S3OutputPath") or "").rstrip("/")
+    tensors = Path(debugger.tensors_dir(job_dir))
+    if debug_root and tensors.is_dir():
+        uploaded["DebugOutputS3Uri"] = f"{debug_root}/{job_name}/debug-output"
+        artifacts.copy_in(tensors, uploaded["DebugOutputS3Uri"])
+    profiler_data = job_dir / "output" / "data" / "profiler"
+    if profiler_root and profiler_data.is_dir():
+        uploaded["ProfilerOutputS3Uri"] = f"{profiler_root}/{job_name}/profiler-output"
+        artifacts.copy_in(profiler_data, uploaded["ProfilerOutputS3Uri"])
+    rule_roots = {str(c.get("RuleConfigurationName")): debug_root
+                  for c in request.get("DebugRuleConfigurations") or []}
+    rule_roots.update({str(c.get("RuleConfigurationName")): profiler_root
+                       for c in request.get("ProfilerRuleConfigurations") or []})
+    for rule, root in rule_roots.items():
+        local = job_dir / "rule-output" / rule
+        if root and local.is_dir():
+            artifacts.copy_in(local, f"{root}/{job_name}/rule-output/{rule}")
+    return uploaded
 
 
 def _pid_alive(pid: Any) -> bool:

@@ -1,21 +1,59 @@
 """Processing and training jobs as local subprocesses under SageMaker's container contract.
 
-Each job gets a working directory standing in for the container's ``/opt/ml`` (``runs/<execution>/<step>/``):
+Each job gets a working directory standing in for the container's ``/opt/ml`` (``runs/<execution>/<step>/``).
 
-- training: ``input/config/{hyperparameters,inputdataconfig,resourceconfig}.json``, ``input/data/<channel>/``,
-  ``model/``, ``output/data/``, ``checkpoints/``, ``code/`` (the extracted ``sagemaker_submit_directory``); the
-  script runs as ``python <sagemaker_program> --name value ...`` with the ``SM_*`` environment the SageMaker training
-  toolkit sets; afterwards ``model/`` is packed as ``<S3OutputPath>/<job>/output/model.tar.gz`` and ``output/data``
-  as ``output.tar.gz``, as SageMaker does;
-- processing: every ``/opt/ml/...`` path of the request (inputs' and outputs' ``LocalPath``, the entrypoint and its
-  arguments) is rewritten into the job directory; inputs are copied from the artifact store before the run and the
-  outputs uploaded to their ``S3Uri`` after it.
+Training runs SageMaker's own training toolkit, as the PyTorch training image does: its command ``train``
+(``sagemaker_training.cli.train:main``) with ``SAGEMAKER_TRAINING_MODULE=sagemaker_pytorch_container.training:main``.
+The engine lays out what the platform provides -- ``input/config/{hyperparameters,inputdataconfig,resourceconfig}
+.json``, ``input/data/<channel>/``, ``model/``, ``output/data/``, the checkpoint dir -- and the toolkit does the
+rest exactly as in the container: reads the config (``SAGEMAKER_BASE_DIR`` = the job dir, the toolkit's own switch
+for "not /opt/ml"), pip-installs the bundle's ``requirements.txt``, sets every ``SM_*`` variable (``SM_TRAINING_ENV``
+with all its keys), runs ``python <sagemaker_program> --name value ...`` (its argv, sorted, JSON-decoded values),
+and on failure writes ``output/failure`` (``ExecuteUserScriptError:\nExitCode ...``), which becomes the
+``FailureReason`` ``AlgorithmError: <failure>, exit code: <n>``. The toolkit runs with the interpreter of a fresh
+per-job Python environment (:mod:`pipelines.local.job_env`), so installs land there, never in the engine's venv.
+Afterwards ``model/`` is packed as ``<S3OutputPath>/<job>/output/model.tar.gz`` and ``output/data`` as
+``output.tar.gz``; with a ``CheckpointConfig`` the checkpoint dir is filled from its ``S3Uri`` before the run and
+copied back after it, also when the job fails or is stopped.
+
+Differences from the real container, all known ones:
+
+- paths: every ``SM_*`` directory (and the paths in ``SM_TRAINING_ENV``) is under the job dir, not ``/opt/ml``;
+  ``CheckpointConfig.LocalPath`` must be under ``/opt/ml`` (it is remapped like the rest);
+- ``SM_CHECKPOINT_DIR`` (the checkpoint dir) is set by the engine: neither SageMaker nor the toolkit sets it, and a
+  script's ``/opt/ml/checkpoints`` default cannot be remapped otherwise;
+- ``SM_STUDIO_LOCAL_MODE=True`` (SageMaker's own local-mode switch): the toolkit skips its wait for the DNS name
+  ``algo-1`` (15 minutes of retries otherwise); that is all it changes (``sagemaker_pytorch_container.training``,
+  ``sagemaker_training.entry_point.run``);
+- the code bundle (``sagemaker_submit_directory``) is extracted into ``code/`` by the engine (from the artifact
+  store, with :func:`training.archives.safe_extract`); the toolkit finds ``code/`` filled and skips its boto3 S3
+  download (``files.download_and_extract``). ``hyperparameters.json``, ``SM_MODULE_DIR`` and ``module_dir`` keep the
+  ``s3://`` URI, as on SageMaker;
+- host name: the image's entrypoint preloads (``LD_PRELOAD``) a ``gethostname()`` that returns ``current_host``;
+  here ``socket.gethostname()`` is the machine's name (``SM_CURRENT_HOST`` and the config still say ``algo-1``);
+- interpreter and packages: the engine's Python and packages (seen through the job environment), not the image's
+  ``/opt/conda`` (e.g. ``SM_DLC_TORCH_VERSION``, set by the PyTorch toolkit, is the engine's torch); of the image's
+  ``ENV`` only :data:`IMAGE_ENV` is reproduced (not ``LANG``/``LC_ALL``, ``LD_LIBRARY_PATH``, CUDA's); the engine's
+  own environment is inherited (minus the toolkit's inputs and ``SM_*``), besides ``TRAINING_JOB_NAME``/``_ARN``;
+- GPUs: the toolkit counts them with ``nvidia-smi`` (all of the machine's, ``CUDA_VISIBLE_DEVICES`` aside);
+- one host only (the toolkit's MPI/torchrun/smddp launchers are not set up); a bundle with a root ``setup.py``
+  would be pip-installed by the toolkit, which may need the package index for build isolation;
+- checkpoints are synced before and after the run, not continuously: an engine killed with SIGKILL uploads
+  nothing; a stop or ``MaxRuntimeInSeconds`` kills the process tree at once (SageMaker sends SIGTERM first);
+- intermediate output (``sagemaker_s3_output``): the engine pre-creates ``output/intermediate`` (so the toolkit
+  leaves the sync to "the platform") and uploads it after the job to the toolkit's key
+  ``<sagemaker_s3_output>/<job>/output/intermediate/``, instead of while the job runs.
+
+Processing: every ``/opt/ml/...`` path of the request (inputs' and outputs' ``LocalPath``, the entrypoint and its
+arguments) is rewritten into the job directory; inputs are copied from the artifact store before the run and the
+outputs uploaded to their ``S3Uri`` after it.
 
 Logs (stdout + stderr) go to a file per job and, line by line, to an ``on_line`` callback (progress view, tuner).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -30,8 +68,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from pipelines.local import job_env
 from pipelines.local import store as store_mod
-from pipelines.local.resolver import decode_hyperparameter, hyperparameter_arg
+from pipelines.local.resolver import decode_hyperparameter
 from pipelines.local.store import ArtifactStore
 from training.archives import safe_extract
 
@@ -221,7 +260,9 @@ def _failure_message(job_dir: Path, log_path: Path, code: int) -> str:
 
 
 def _arn(kind: str, name: str) -> str:
-    return f"arn:aws:sagemaker:{store_mod.LOCAL_REGION}:{store_mod.LOCAL_ACCOUNT}:{kind}/{name.lower()}"
+    from pipelines.arns import sagemaker_arn
+
+    return sagemaker_arn(store_mod.LOCAL_REGION, store_mod.LOCAL_ACCOUNT, kind, name.lower())
 
 
 def _fresh_dir(path: Path) -> Path:
@@ -229,17 +270,6 @@ def _fresh_dir(path: Path) -> Path:
         shutil.rmtree(path)
     path.mkdir(parents=True)
     return path
-
-
-def _num_gpus() -> int:
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
-        return 0
-    try:
-        import torch
-
-        return int(torch.cuda.device_count())
-    except Exception:  # noqa: BLE001
-        return 0
 
 
 def final_metrics(log_text: str, metric_definitions: list[Mapping[str, str]]) -> list[dict[str, Any]]:
@@ -258,35 +288,54 @@ def final_metrics(log_text: str, metric_definitions: list[Mapping[str, str]]) ->
 
 # --- training -------------------------------------------------------------------------------------------------
 
-def run_training_job(request: Mapping[str, Any], job_name: str, job_dir: Path, artifacts: ArtifactStore,
-                     log_path: Path, *, on_line: OnLine | None = None, control: JobControl | None = None,
-                     extra_env: Mapping[str, str] | None = None,
-                     prepare: Callable[[Path], Mapping[str, str] | None] | None = None) -> dict[str, Any]:
-    """Run a resolved CreateTrainingJob request; return the DescribeTrainingJob-shaped result.
+#: The SageMaker PyTorch training image's framework entry point (its Dockerfile's ``ENV SAGEMAKER_TRAINING_MODULE``).
+FRAMEWORK_MODULE = "sagemaker_pytorch_container.training:main"
+#: The rest of that image's Python-related ``ENV`` (aws/deep-learning-containers pytorch/training/docker/2.5).
+IMAGE_ENV = {"SAGEMAKER_TRAINING_MODULE": FRAMEWORK_MODULE, "PYTHONDONTWRITEBYTECODE": "1",
+             "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "UTF-8", "DLC_CONTAINER_TYPE": "training"}
+#: What the toolkit reads from the environment (sagemaker_training.params, environment.BASE_PATH_ENV): never
+#: inherited from the engine's own environment, and neither is any ``SM_*`` variable.
+TOOLKIT_INPUT_ENV = ("SAGEMAKER_BASE_DIR", "SAGEMAKER_PROGRAM", "SAGEMAKER_SUBMIT_DIRECTORY",
+                     "SAGEMAKER_CONTAINER_LOG_LEVEL", "SAGEMAKER_REGION", "SAGEMAKER_JOB_NAME", "SAGEMAKER_S3_OUTPUT",
+                     "SAGEMAKER_TRAINING_MODULE", "CURRENT_HOST", "TRAINING_JOB_NAME", "TRAINING_JOB_ARN")
+DEFAULT_CHECKPOINT_PATH = "/opt/ml/checkpoints"
+#: SageMaker's FailureReason carries the first 1024 characters of /opt/ml/output/failure.
+FAILURE_FILE_CHARS = 1024
 
-    ``prepare(job_dir)`` runs once the job directory is laid out (e.g. to write the Debugger hook config) and may
-    return extra environment variables. Raises :class:`JobError` (with the failure reason) or :class:`JobStopped`.
-    """
-    started = time.time()
-    job_dir = _fresh_dir(Path(job_dir))
-    config_dir = job_dir / "input" / "config"
-    data_dir = job_dir / "input" / "data"
-    model_dir = job_dir / "model"
-    output_dir = job_dir / "output"
-    output_data_dir = output_dir / "data"
-    checkpoint_dir = job_dir / "checkpoints"
-    code_dir = job_dir / "code"
-    for d in (config_dir, data_dir, model_dir, output_data_dir, checkpoint_dir, code_dir):
-        d.mkdir(parents=True, exist_ok=True)
 
-    hyperparameters: dict[str, str] = {k: str(v) for k, v in (request.get("HyperParameters") or {}).items()}
+class _Layout:
+    """The ``/opt/ml`` stand-in of one training job."""
+
+    def __init__(self, root: Path, checkpoints: Path) -> None:
+        self.root = root
+        self.config = root / "input" / "config"
+        self.data = root / "input" / "data"
+        self.model = root / "model"
+        self.output = root / "output"
+        self.output_data = self.output / "data"
+        self.code = root / "code"
+        self.checkpoints = checkpoints
+
+    @classmethod
+    def create(cls, job_dir: Path, request: Mapping[str, Any]) -> _Layout:
+        root = _fresh_dir(Path(job_dir))
+        local = str((request.get("CheckpointConfig") or {}).get("LocalPath") or DEFAULT_CHECKPOINT_PATH)
+        checkpoints = Path(remap(local, root))
+        if not checkpoints.resolve().is_relative_to(root.resolve()):
+            raise JobError(f"CheckpointConfig.LocalPath {local} is outside /opt/ml: not supported locally")
+        layout = cls(root, checkpoints)
+        for d in (layout.config, layout.data, layout.model, layout.output_data, layout.code, checkpoints):
+            d.mkdir(parents=True, exist_ok=True)
+        return layout
+
+
+def _install_code(hyperparameters: Mapping[str, str], code_dir: Path, artifacts: ArtifactStore) -> None:
+    """Extract ``sagemaker_submit_directory`` into ``code/`` (the toolkit then skips its own S3 download)."""
     program = decode_hyperparameter(hyperparameters.get("sagemaker_program", ""))
     submit_dir = decode_hyperparameter(hyperparameters.get("sagemaker_submit_directory", ""))
     if not program or not submit_dir:
         raise JobError("training request has no sagemaker_program/sagemaker_submit_directory hyperparameters: "
                        "the local engine runs script-mode (framework) estimators only")
-
-    # code
     bundle = artifacts.path(str(submit_dir))
     if not bundle.is_file():
         raise JobError(f"code bundle {submit_dir} not found in the artifact store ({bundle})")
@@ -295,7 +344,10 @@ def run_training_job(request: Mapping[str, Any], job_name: str, job_dir: Path, a
     if not entry.is_file() or not entry.is_relative_to(code_dir.resolve()):
         raise JobError(f"sagemaker_program {program!r} is not a file of {submit_dir}")
 
-    # channels
+
+def _fetch_channels(request: Mapping[str, Any], data_dir: Path, artifacts: ArtifactStore) -> dict[str, Any]:
+    """Materialise every S3 channel under ``input/data/<channel>``; return ``inputdataconfig.json``."""
+    default_mode = (request.get("AlgorithmSpecification") or {}).get("TrainingInputMode", "File")
     channels: dict[str, Any] = {}
     for channel in request.get("InputDataConfig") or []:
         name = channel["ChannelName"]
@@ -304,114 +356,196 @@ def run_training_job(request: Mapping[str, Any], job_name: str, job_dir: Path, a
         if not uri:
             raise JobError(f"channel {name} has no S3DataSource.S3Uri (only S3 data sources run locally)")
         fetch(artifacts, str(uri), data_dir / name)
-        channels[name] = {"ContentType": channel.get("ContentType", ""), "TrainingInputMode":
-                          channel.get("InputMode", request.get("AlgorithmSpecification", {})
-                                      .get("TrainingInputMode", "File")),
+        channels[name] = {"ContentType": channel.get("ContentType", ""),
+                          "TrainingInputMode": channel.get("InputMode", default_mode),
                           "S3DistributionType": source.get("S3DataDistributionType", "FullyReplicated"),
                           "RecordWrapperType": channel.get("RecordWrapperType", "None")}
-    resource = dict(request.get("ResourceConfig") or request.get("HyperParameterTuningResourceConfig") or {})
+    return channels
+
+
+def _resource_config(resource: Mapping[str, Any]) -> dict[str, Any]:
+    """``resourceconfig.json`` of a one-instance job."""
     instance_type = str(resource.get("InstanceType", "local"))
-    resource_config = {"current_host": CURRENT_HOST, "hosts": [CURRENT_HOST], "network_interface_name": "eth0",
-                       "current_instance_type": instance_type, "current_group_name": "homogeneousCluster",
-                       "instance_groups": [{"instance_group_name": "homogeneousCluster",
-                                            "instance_type": instance_type, "hosts": [CURRENT_HOST]}]}
-    (config_dir / "hyperparameters.json").write_text(json.dumps(hyperparameters, indent=2))
-    (config_dir / "inputdataconfig.json").write_text(json.dumps(channels, indent=2))
-    (config_dir / "resourceconfig.json").write_text(json.dumps(resource_config, indent=2))
+    return {"current_host": CURRENT_HOST, "current_instance_type": instance_type,
+            "current_group_name": "homogeneousCluster", "hosts": [CURRENT_HOST],
+            "instance_groups": [{"instance_group_name": "homogeneousCluster", "instance_type": instance_type,
+                                 "hosts": [CURRENT_HOST]}],
+            "network_interface_name": "eth0"}
 
-    user_hps = {k: decode_hyperparameter(v) for k, v in hyperparameters.items() if not k.startswith("sagemaker_")}
-    args: list[str] = []
-    for key, value in hyperparameters.items():
-        if not key.startswith("sagemaker_"):
-            args += [f"--{key}", hyperparameter_arg(value)]
 
-    env = dict(os.environ)
+def _write_input_config(layout: _Layout, hyperparameters: Mapping[str, str], channels: Mapping[str, Any],
+                        resource_config: Mapping[str, Any]) -> None:
+    for name, content in (("hyperparameters.json", hyperparameters), ("inputdataconfig.json", channels),
+                          ("resourceconfig.json", resource_config)):
+        (layout.config / name).write_text(json.dumps(content, indent=2))
+
+
+def _container_env(request: Mapping[str, Any], job_name: str, layout: _Layout) -> dict[str, str]:
+    """The training container's environment, before the toolkit adds its ``SM_*`` variables.
+
+    The engine's environment (minus the toolkit's inputs and ``SM_*``), the image's ``ENV``, the request's
+    ``Environment``, the platform's job variables, then the local stand-ins (module docstring, "Differences").
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SM_") and k not in TOOLKIT_INPUT_ENV}
+    env.update(IMAGE_ENV)
     env.update({str(k): str(v) for k, v in (request.get("Environment") or {}).items()})
-    num_gpus = _num_gpus()
-    env.update({
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join([str(code_dir), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        "TRAINING_JOB_NAME": job_name,
-        "TRAINING_JOB_ARN": _arn("training-job", job_name),
-        "SM_MODEL_DIR": str(model_dir),
-        "SM_OUTPUT_DIR": str(output_dir),
-        "SM_OUTPUT_DATA_DIR": str(output_data_dir),
-        "SM_OUTPUT_INTERMEDIATE_DIR": str(output_dir / "intermediate"),
-        "SM_INPUT_DIR": str(job_dir / "input"),
-        "SM_INPUT_CONFIG_DIR": str(config_dir),
-        "SM_INPUT_DATA_CONFIG": json.dumps(channels),
-        "SM_CHECKPOINT_DIR": str(checkpoint_dir),
-        "SM_CHANNELS": json.dumps(sorted(channels)),
-        "SM_HPS": json.dumps(user_hps),
-        "SM_USER_ARGS": json.dumps(args),
-        "SM_CURRENT_HOST": CURRENT_HOST,
-        "SM_HOSTS": json.dumps([CURRENT_HOST]),
-        "SM_NETWORK_INTERFACE_NAME": "eth0",
-        "SM_CURRENT_INSTANCE_TYPE": instance_type,
-        "SM_RESOURCE_CONFIG": json.dumps(resource_config),
-        "SM_NUM_GPUS": str(num_gpus),
-        "SM_NUM_CPUS": str(os.cpu_count() or 1),
-        "SM_NUM_NEURONS": "0",
-        "SM_MODULE_NAME": Path(str(program)).stem,
-        "SM_USER_ENTRY_POINT": str(program),
-        "SM_MODULE_DIR": str(submit_dir),
-        "SM_LOG_LEVEL": str(decode_hyperparameter(hyperparameters.get("sagemaker_container_log_level", "20"))),
-        "SM_FRAMEWORK_MODULE": "sagemaker_pytorch_container.training:main",
-    })
-    for name in channels:
-        env[f"SM_CHANNEL_{name.upper()}"] = str(data_dir / name)
-    for key, value in user_hps.items():
-        env[f"SM_HP_{key.upper().replace('-', '_')}"] = value if isinstance(value, str) else json.dumps(value)
-    env.update(dict(extra_env or {}))
-    if prepare is not None:
-        env.update({str(k): str(v) for k, v in (prepare(job_dir) or {}).items()})
-    env["SM_TRAINING_ENV"] = json.dumps({
-        "job_name": job_name, "hyperparameters": user_hps, "channel_input_dirs":
-        {n: str(data_dir / n) for n in channels}, "model_dir": str(model_dir), "output_data_dir": str(output_data_dir),
-        "current_host": CURRENT_HOST, "hosts": [CURRENT_HOST], "num_gpus": num_gpus, "module_dir": str(submit_dir),
-        "user_entry_point": str(program)})
+    env.update({"TRAINING_JOB_NAME": job_name, "TRAINING_JOB_ARN": _arn("training-job", job_name),
+                "SAGEMAKER_BASE_DIR": str(layout.root), "SM_STUDIO_LOCAL_MODE": "True",
+                "SM_CHECKPOINT_DIR": str(layout.checkpoints)})
+    return env
 
-    if (code_dir / "requirements.txt").is_file():
-        logger.debug("%s: requirements.txt not installed locally (the project environment provides them)", job_name)
+
+def _run_toolkit(env: Mapping[str, str], layout: _Layout, log_path: Path, *, on_line: OnLine | None,
+                 control: JobControl | None, timeout_s: float | None) -> int:
+    """Run the image's command (``train``) in a fresh job environment beside the job dir; return its exit code."""
+    try:
+        jenv = job_env.create(job_env.location(layout.root))
+    except (OSError, RuntimeError) as exc:
+        raise JobError(f"cannot create the job's Python environment: {exc}") from exc
+    try:
+        return run_command([str(jenv.python), str(jenv.train)], cwd=layout.root, env=jenv.environ(env),
+                           log_path=log_path, on_line=on_line, control=control, timeout_s=timeout_s)
+    finally:
+        jenv.remove()
+
+
+def _copy_tree_atomic(src: Path, dest: Path) -> None:
+    """Copy every file of ``src`` into ``dest`` (real copies, each replaced atomically); nothing is deleted."""
+    for path in sorted(src.rglob("*")):
+        if path.is_file():
+            target = dest / path.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            shutil.copy2(path, tmp)
+            tmp.replace(target)
+
+
+def _sync_checkpoints(request: Mapping[str, Any], layout: _Layout, artifacts: ArtifactStore, *,
+                      upload: bool) -> None:
+    """CheckpointConfig: ``S3Uri`` -> checkpoints dir before the run, and back after it (spot resume)."""
+    uri = (request.get("CheckpointConfig") or {}).get("S3Uri")
+    if not uri:
+        return
+    remote = artifacts.path(str(uri))
+    if upload:
+        _copy_tree_atomic(layout.checkpoints, remote)
+    elif remote.is_dir():
+        _copy_tree_atomic(remote, layout.checkpoints)
+
+
+def _run_job(request: Mapping[str, Any], env: Mapping[str, str], layout: _Layout, artifacts: ArtifactStore,
+             log_path: Path, *, on_line: OnLine | None, control: JobControl | None) -> int:
     timeout = (request.get("StoppingCondition") or {}).get("MaxRuntimeInSeconds")
-    cmd = [sys.executable, str(entry), *args]
-    code = run_command(cmd, cwd=code_dir, env=env, log_path=log_path, on_line=on_line, control=control,
-                       timeout_s=float(timeout) if timeout else None)
-    if code != 0:
-        raise JobError(_failure_message(job_dir, log_path, code))
+    _sync_checkpoints(request, layout, artifacts, upload=False)
+    try:
+        return _run_toolkit(env, layout, log_path, on_line=on_line, control=control,
+                            timeout_s=float(timeout) if timeout else None)
+    finally:  # also when the job failed or was stopped: that is what resuming relies on
+        _sync_checkpoints(request, layout, artifacts, upload=True)
 
+
+def training_failure_reason(job_dir: Path, log_path: Path, code: int) -> str:
+    """SageMaker's ``FailureReason`` shape: ``AlgorithmError: <output/failure>, exit code: <n>``.
+
+    The toolkit writes ``output/failure`` (``ExecuteUserScriptError:\\nExitCode ...`` when the script fails); when it
+    could not (killed, crashed at start) the last log lines stand in.
+    """
+    failure = Path(job_dir) / "output" / "failure"
+    text = failure.read_text(errors="replace").strip() if failure.is_file() else ""
+    if not text and log_path.is_file():
+        lines = [ln for ln in log_path.read_text(errors="replace").splitlines()
+                 if ln.strip() and not ln.startswith("[engine]")]
+        text = " | ".join(lines[-3:])
+    return f"AlgorithmError: {text[:FAILURE_FILE_CHARS]}, exit code: {code}"
+
+
+def _upload_outputs(request: Mapping[str, Any], job_name: str, layout: _Layout, hyperparameters: Mapping[str, str],
+                    artifacts: ArtifactStore) -> tuple[str, str]:
+    """``model/`` -> ``model.tar.gz``, ``output/data`` -> ``output.tar.gz`` under ``<S3OutputPath>/<job>/output/``."""
     output_path = str((request.get("OutputDataConfig") or {}).get("S3OutputPath", "")).rstrip("/")
     if not output_path:
         raise JobError("training request has no OutputDataConfig.S3OutputPath")
     model_uri = f"{output_path}/{job_name}/output/model.tar.gz"
-    _tar_dir(model_dir, artifacts.path(model_uri))
+    _tar_dir(layout.model, artifacts.path(model_uri))
     output_uri = f"{output_path}/{job_name}/output/output.tar.gz"
-    _tar_dir(output_data_dir, artifacts.path(output_uri))
+    _tar_dir(layout.output_data, artifacts.path(output_uri))
+    intermediate = layout.output / "intermediate"
+    s3_output = decode_hyperparameter(hyperparameters.get("sagemaker_s3_output", ""))
+    if s3_output and intermediate.is_dir() and any(intermediate.iterdir()):
+        artifacts.copy_in(intermediate, f"{str(s3_output).rstrip('/')}/{job_name}/output/intermediate")
+    return model_uri, output_uri
+
+
+@functools.cache
+def _described_request_fields() -> frozenset[str]:
+    """The CreateTrainingJob request members that DescribeTrainingJob returns (botocore's SageMaker model)."""
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    return (frozenset(model.operation_model("CreateTrainingJob").input_shape.members)
+            & frozenset(model.operation_model("DescribeTrainingJob").output_shape.members))
+
+
+def _describe(request: Mapping[str, Any], job_name: str, layout: _Layout, log_path: Path, started: float,
+              hyperparameters: Mapping[str, str], uris: tuple[str, str]) -> dict[str, Any]:
+    """DescribeTrainingJob: the request's fields as SageMaker echoes them (DebugHookConfig, CheckpointConfig...),
+    then the job's outcome."""
     log_text = log_path.read_text(errors="replace") if log_path.is_file() else ""
     metric_definitions = (request.get("AlgorithmSpecification") or {}).get("MetricDefinitions") or []
     ended = time.time()
+    described = {k: v for k, v in request.items() if k in _described_request_fields()}
     return {
+        "AlgorithmSpecification": {}, "InputDataConfig": [], "OutputDataConfig": {}, "StoppingCondition": {},
+        **described,
         "TrainingJobName": job_name,
         "TrainingJobArn": _arn("training-job", job_name),
         "TrainingJobStatus": "Completed",
         "SecondaryStatus": "Completed",
-        "HyperParameters": hyperparameters,
-        "AlgorithmSpecification": request.get("AlgorithmSpecification", {}),
+        "HyperParameters": dict(hyperparameters),
         "RoleArn": request.get("RoleArn"),
-        "InputDataConfig": request.get("InputDataConfig", []),
-        "OutputDataConfig": request.get("OutputDataConfig", {}),
-        "ResourceConfig": resource,
-        "StoppingCondition": request.get("StoppingCondition", {}),
-        "ModelArtifacts": {"S3ModelArtifacts": model_uri},
-        "OutputDataUri": output_uri,
+        "ResourceConfig": dict(request.get("ResourceConfig") or request.get("HyperParameterTuningResourceConfig")
+                               or {}),
+        "ModelArtifacts": {"S3ModelArtifacts": uris[0]},
+        "OutputDataUri": uris[1],
         "FinalMetricDataList": final_metrics(log_text, metric_definitions),
         "TrainingStartTime": started,
         "TrainingEndTime": ended,
         "TrainingTimeInSeconds": int(ended - started),
         "BillableTimeInSeconds": int(ended - started),
-        "LocalJobDir": str(job_dir),
+        "LocalJobDir": str(layout.root),
         "LogPath": str(log_path),
     }
+
+
+def run_training_job(request: Mapping[str, Any], job_name: str, job_dir: Path, artifacts: ArtifactStore,
+                     log_path: Path, *, on_line: OnLine | None = None, control: JobControl | None = None,
+                     extra_env: Mapping[str, str] | None = None,
+                     prepare: Callable[[Path], Mapping[str, str] | None] | None = None) -> dict[str, Any]:
+    """Run a resolved CreateTrainingJob request under the SageMaker training toolkit; return the
+    DescribeTrainingJob-shaped result.
+
+    ``prepare(job_dir)`` runs once the job directory is laid out (e.g. to write the Debugger hook config) and may
+    return extra environment variables (applied after ``extra_env``). Raises :class:`JobError` (with the failure
+    reason) or :class:`JobStopped`.
+    """
+    started = time.time()
+    layout = _Layout.create(Path(job_dir), request)
+    hyperparameters = {str(k): str(v) for k, v in (request.get("HyperParameters") or {}).items()}
+    _install_code(hyperparameters, layout.code, artifacts)
+    channels = _fetch_channels(request, layout.data, artifacts)
+    resource = request.get("ResourceConfig") or request.get("HyperParameterTuningResourceConfig") or {}
+    _write_input_config(layout, hyperparameters, channels, _resource_config(resource))
+    if decode_hyperparameter(hyperparameters.get("sagemaker_s3_output", "")):
+        (layout.output / "intermediate").mkdir()  # the toolkit leaves the sync to "the platform" (the engine)
+    env = _container_env(request, job_name, layout)
+    env.update({str(k): str(v) for k, v in (extra_env or {}).items()})
+    if prepare is not None:
+        env.update({str(k): str(v) for k, v in (prepare(layout.root) or {}).items()})
+    code = _run_job(request, env, layout, artifacts, log_path, on_line=on_line, control=control)
+    if code != 0:
+        raise JobError(training_failure_reason(layout.root, log_path, code))
+    uris = _upload_outputs(request, job_name, layout, hyperparameters, artifacts)
+    return _describe(request, job_name, layout, log_path, started, hyperparameters, uris)
 
 
 # --- processing -----------------------------------------------------------------------------------------------
