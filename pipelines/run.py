@@ -15,6 +15,7 @@ definition with no AWS call, and talks to SageMaker through boto3 only.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
@@ -31,9 +33,10 @@ logging.getLogger("sagemaker.config").addHandler(logging.NullHandler())
 
 logger = logging.getLogger("pipelines.run")
 
+from pipelines.validation import APPROVAL_STATUSES  # noqa: E402 -- after the SDK logging setup above
+
 TARGETS = ("local", "sagemaker")
 TERMINAL_STATUSES = ("Succeeded", "Failed", "Stopped")
-APPROVAL_STATUSES = ("Approved", "Rejected", "PendingManualApproval")
 COMMANDS = ("definition", "upsert", "start", "status", "describe", "list-executions", "retry", "stop")
 
 
@@ -85,6 +88,35 @@ def parse_parameters(pairs: Sequence[str], types: dict[str, tuple[str, Any]] | N
                             f"got {value!r}")
         result[name] = value
     return [{"Name": name, "Value": value} for name, value in result.items()]
+
+
+def check_start_parameters(parameters: list[dict[str, str]],
+                           types: dict[str, tuple[str, Any]] | None = None) -> None:
+    """Refuse a start whose parameter values (defaults + overrides) the jobs cannot use: :class:`UserError` with
+    every problem, before anything runs or is uploaded."""
+    from pipelines.validation import check_parameters
+
+    types = types if types is not None else parameter_types()
+    values: dict[str, Any] = {name: default for name, (_kind, default) in types.items()}
+    casts = {"int": int, "float": float, "str": str, "bool": lambda v: str(v).lower() == "true"}
+    for item in parameters:
+        values[item["Name"]] = casts.get(types[item["Name"]][0], str)(item["Value"])
+    problems = check_parameters(values)
+    if problems:
+        raise UserError("invalid pipeline parameters: " + "; ".join(problems))
+
+
+def check_mlops_home() -> None:
+    """``MLOPS_HOME`` must be a writable directory (created if missing): one clear line otherwise, not a traceback."""
+    home = Path(os.environ.get("MLOPS_HOME") or Path.cwd() / ".mlops").expanduser()
+    probe = home / f".write-test-{os.getpid()}"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"MLOPS_HOME={home} is not a usable directory ({exc.strerror or exc}); set MLOPS_HOME to a "
+                        "writable directory") from None
 
 
 # --- configuration -----------------------------------------------------------------------------------------------
@@ -476,7 +508,10 @@ def main(argv: Sequence[str] | None = None, clients: AwsClients | None = None) -
     _configure_logging(args.verbose)
     try:
         args.parameters = parse_parameters(getattr(args, "param", None) or [])
+        if args.command == "start":
+            check_start_parameters(args.parameters)
         if args.target == "local":
+            check_mlops_home()
             return run_local(args)
         return run_sagemaker(args, clients)
     except UserError as exc:
@@ -499,6 +534,13 @@ def main(argv: Sequence[str] | None = None, clients: AwsClients | None = None) -
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {exc.filename}" if exc.filename else ""
+            print(f"error: no space left on the device{where}; free some space (e.g. `python -m pipelines.run gc`) "
+                  "or point MLOPS_HOME at a larger disk", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

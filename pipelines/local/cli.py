@@ -39,6 +39,14 @@ def add_local_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("report", help="print the profiler report path(s) of an execution's training steps")
     p.add_argument("execution", nargs="?", default="latest", help="execution id (or prefix, or 'latest')")
     p.set_defaults(command="report")
+    p = subparsers.add_parser("gc", help="remove old finished executions' job directories (runs/); artifacts, "
+                              "registry and endpoints are kept")
+    p.add_argument("--retention-days", type=float, default=None,
+                   help="keep run directories of executions that ended within this many days "
+                        "(default 14, env MLOPS_GC_RETENTION_DAYS)")
+    p.add_argument("--keep-last", type=int, default=5, help="always keep the newest N executions (default 5)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    p.set_defaults(command="gc")
     try:
         from pipelines.local import cli_models
     except ImportError as exc:  # the registry CLI is optional for the engine
@@ -312,6 +320,18 @@ def _cmd_report(args: argparse.Namespace, build_definition: BuildDefinition) -> 
     return 0
 
 
+def _cmd_gc(args: argparse.Namespace, build_definition: BuildDefinition) -> int:
+    from pipelines.local import gc
+
+    report = gc.collect(args.retention_days, args.keep_last, dry_run=args.dry_run)
+    verb = "would remove" if report.dry_run else "removed"
+    for path in report.removed:
+        console.print(f"{verb} {path}", highlight=False)
+    console.print(f"{verb} {len(report.removed)} run director{'y' if len(report.removed) == 1 else 'ies'} "
+                  f"({report.freed_bytes / 2**20:.1f} MiB); kept {report.kept}", highlight=False)
+    return 0
+
+
 _HANDLERS: dict[str, Callable[[argparse.Namespace, BuildDefinition], int]] = {
     "definition": _cmd_definition,
     "upsert": _cmd_upsert,
@@ -322,6 +342,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace, BuildDefinition], int]] = {
     "retry": _cmd_retry,
     "stop": _cmd_stop,
     "report": _cmd_report,
+    "gc": _cmd_gc,
 }
 
 
