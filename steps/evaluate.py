@@ -20,7 +20,9 @@ directory) and ``--test-dir`` (ImageFolder: ``<class>/<image>``). Output in ``--
 - ``confusion_matrix.png`` (matplotlib, Agg backend; skipped with a warning if matplotlib is missing).
 
 Unreadable test images are skipped, logged and listed under ``dataset.skipped``. Test classes the model does not
-know are an error (the test set and the model disagree, so the metrics would be meaningless).
+know are an error (the test set and the model disagree, so the metrics would be meaningless). A ``model.pth`` that
+``torch.load(weights_only=True)`` refuses (a malicious pickle, a corrupt or truncated file) or a refused
+``model_config.json`` is one error line naming the file, exit status 1.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from PIL import Image
 
 from inference.inference import to_rgb
 from training.archives import UnsafeArchiveError, safe_extract
-from training.model import CONFIG_FILE, eval_transform, load_model
+from training.model import CONFIG_FILE, InvalidModelError, eval_transform, load_model
 
 logger = logging.getLogger("evaluate")
 
@@ -307,7 +309,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="evaluate-model-") as scratch:
         model_dir = resolve_model_dir(args.model_dir, Path(scratch))
-        model, config = load_model(model_dir, device=device)
+        try:
+            model, config = load_model(model_dir, device=device)
+        except InvalidModelError as exc:
+            raise EvaluationError(f"model refused: {exc} (model from {args.model_dir})") from exc
     classes = [str(c) for c in config.get("classes") or range(int(config["num_classes"]))]
     samples = find_test_samples(args.test_dir, classes)
     logger.info("evaluating %s (%d classes) on %d test files from %s (device %s)", config.get("arch"),
@@ -351,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         report = evaluate(args)
-    except (EvaluationError, UnsafeArchiveError, FileNotFoundError) as exc:
+    except (EvaluationError, UnsafeArchiveError, InvalidModelError, FileNotFoundError) as exc:
         logger.error("evaluation failed: %s", exc)
         return 1
     m = report["multiclass_classification_metrics"]

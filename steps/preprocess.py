@@ -12,7 +12,17 @@ wrapping top-level folder):
 Every file is fully decoded (content decides, not the extension). Good images are converted to RGB (alpha
 composited on white, 16-bit scaled to 8-bit), resized so the shorter side is ``--resize-shorter-side`` (never
 upscaled) and written as JPEG to ``<output-dir>/{train,validation,test}/<class>/`` (ImageFolder layout). Bad files
-are listed with a reason in the manifest and copied unchanged to ``<output-dir>/quarantine/`` so nothing is lost.
+are listed with a reason in the manifest and copied unchanged to ``<output-dir>/quarantine/`` so nothing is lost,
+except where a copy would be unsafe or unbounded (the reason then says it was not copied; docs/LIMITS.md):
+
+* only regular files are ever opened: FIFOs, sockets and devices are listed, never opened nor copied;
+* symlinks are followed only to a regular file inside the dataset root; a link that leads outside the input
+  ("symlink outside the input"), to a folder (could loop), or nowhere is listed, not followed;
+* files over ``--max-file-bytes`` are listed, not read nor copied; ``quarantine/`` holds at most
+  ``--max-quarantine-bytes`` in total;
+* archives are extracted within ``--archive-max-bytes`` / ``--archive-max-files`` / ``--archive-max-ratio``
+  (env ``MLOPS_ARCHIVE_MAX_BYTES`` / ``_MAX_FILES`` / ``_MAX_RATIO``), counted while extracting.
+
 ``<output-dir>/manifest/manifest.json`` follows docs/CONTRACTS.md section 3.
 
 Exit status: 0 on success, 1 when the data cannot be used (one-line reason on stderr; the manifest is still
@@ -32,24 +42,39 @@ import contextlib
 import hashlib
 import json
 import logging
+import lzma
 import math
 import os
 import random
 import shutil
+import stat
 import tarfile
 import tempfile
 import time
 import warnings
 import zipfile
+import zlib
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from training.archives import UnsafeArchiveError, is_archive, safe_extract
+from training.archives import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_FILES,
+    DEFAULT_MAX_RATIO,
+    ENV_MAX_BYTES,
+    ENV_MAX_FILES,
+    ENV_MAX_RATIO,
+    ExtractionLimits,
+    UnsafeArchiveError,
+    is_archive,
+    parse_byte_size,
+    safe_extract,
+)
 from training.images import to_rgb
 
 logger = logging.getLogger("steps.preprocess")
@@ -68,6 +93,8 @@ SPLIT_ALIASES: dict[str, str] = {
 # Operating-system clutter that is neither data nor a bad file.
 IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "__pycache__"})
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+DEFAULT_MAX_FILE_BYTES = "256MiB"  # larger files are not read (an 89-Mpixel JPEG is ~30 MB)
+DEFAULT_MAX_QUARANTINE_BYTES = "1GiB"  # total copied into quarantine/
 MANIFEST_VERSION = 1
 NOT_IN_CLASS_FOLDER = "not inside a class folder"
 NOT_IN_SPLIT_FOLDER = "not inside a train/validation/test split folder"
@@ -85,6 +112,7 @@ class Candidate:
     label: str | None
     split: str | None = None
     problem: str | None = None  # a reason known from the layout alone (the file is then not decoded)
+    openable: bool = True  # False: a special file or a refused symlink, never opened (``problem`` says why)
 
 
 @dataclass
@@ -126,6 +154,40 @@ def _non_negative_int(value: str) -> int:
     return n
 
 
+def _positive(parse: Callable[[str], float], env: str | None = None) -> Callable[[str], float]:
+    """An argparse ``type``: ``parse`` then require > 0; errors name ``env`` (where the default may come from)."""
+    source = f" (the flag, or env {env} when the flag is not given)" if env else ""
+
+    def check(value: str) -> float:
+        try:
+            n = parse(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{exc}{source}") from exc
+        if not n > 0:
+            raise argparse.ArgumentTypeError(f"{value} must be > 0{source}")
+        return n
+    check.__name__ = parse.__name__
+    return check
+
+
+def _add_limit_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("limits", "bounds against hostile or broken input (docs/LIMITS.md)")
+    g.add_argument("--archive-max-bytes", type=_positive(parse_byte_size, ENV_MAX_BYTES),
+                   default=os.environ.get(ENV_MAX_BYTES) or f"{DEFAULT_MAX_BYTES // 2**30}GiB",
+                   help=f"an input archive may extract to at most this many bytes (e.g. 20GiB; env {ENV_MAX_BYTES})")
+    g.add_argument("--archive-max-files", type=_positive(int, ENV_MAX_FILES),
+                   default=os.environ.get(ENV_MAX_FILES) or str(DEFAULT_MAX_FILES),
+                   help=f"an input archive may hold at most this many entries (env {ENV_MAX_FILES})")
+    g.add_argument("--archive-max-ratio", type=_positive(float, ENV_MAX_RATIO),
+                   default=os.environ.get(ENV_MAX_RATIO) or f"{DEFAULT_MAX_RATIO:g}",
+                   help="extracted bytes / compressed bytes read may not exceed this once 1 MiB is out "
+                        f"(zip/tar bomb guard; env {ENV_MAX_RATIO})")
+    g.add_argument("--max-file-bytes", type=_positive(parse_byte_size), default=DEFAULT_MAX_FILE_BYTES,
+                   help="dataset files larger than this are quarantined without being read or copied")
+    g.add_argument("--max-quarantine-bytes", type=_positive(parse_byte_size), default=DEFAULT_MAX_QUARANTINE_BYTES,
+                   help="at most this many bytes are copied into quarantine/; later bad files are only listed")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -148,6 +210,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="processes used to decode images (0 or 1: in-process); results do not depend on it")
     p.add_argument("--overwrite", action="store_true",
                    help="empty existing train/validation/test/manifest/quarantine output folders first")
+    _add_limit_args(p)
     return p
 
 
@@ -171,25 +234,70 @@ def _is_ignored(name: str) -> bool:
 
 
 def _visible(directory: Path) -> tuple[list[Path], list[Path]]:
-    """Sorted visible sub-directories and files of ``directory``."""
+    """Sorted visible sub-directories (real ones, not symlinks) and other entries (files, links, specials)."""
     dirs, files = [], []
-    for entry in sorted(directory.iterdir(), key=lambda p: p.name):
+    with os.scandir(directory) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
         if _is_ignored(entry.name):
             continue
-        (dirs if entry.is_dir() else files).append(entry)
+        (dirs if entry.is_dir(follow_symlinks=False) else files).append(directory / entry.name)
     return dirs, files
 
 
-def resolve_input(input_dir: str | Path, work_dir: str | Path) -> tuple[Path, str | None]:
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISSOCK, "socket"),
+                  (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _SPECIAL_KINDS if test(mode)), "special file")
+
+
+def _symlink_problem(path: Path, root: Path) -> str | None:
+    """``None`` when the link resolves to a regular file inside ``root`` (then it is followed)."""
+    link = os.readlink(path)
+    target = Path(os.path.realpath(path))
+    if not target.is_relative_to(root):
+        return f"symlink outside the input (-> {link}); not followed"
+    try:
+        mode = target.stat().st_mode
+    except OSError:
+        return f"broken or looping symlink (-> {link}); not followed"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return f"symlink to a folder (-> {link}); folder links are not followed"
+    return f"symlink to a {_kind(mode)} (-> {link}); not followed"
+
+
+def entry_problem(path: Path, root: Path) -> str | None:
+    """Why ``path`` must never be opened, or ``None`` for a regular file (possibly through a symlink that stays
+    inside ``root``, which must be resolved). Only ``lstat``/``readlink``/``stat`` are used: nothing is opened."""
+    try:
+        mode = path.lstat().st_mode
+    except OSError as exc:
+        return f"unreadable entry: {exc.strerror or exc}"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return _symlink_problem(path, root)
+    return f"{_kind(mode)}, not a regular file; never opened"
+
+
+def resolve_input(input_dir: str | Path, work_dir: str | Path,
+                  limits: ExtractionLimits | None = None) -> tuple[Path, str | None]:
     """Return the dataset root and the archive name it came from (``None`` for a plain folder).
 
     ``input_dir`` may be the dataset folder, a folder whose only visible content is one archive, or an archive
-    file. Archives are extracted with ``training.archives.safe_extract`` into ``work_dir``. Single wrapping
-    folders (``dogImages/``, ``data/``) are descended into.
+    file. Archives are extracted with ``training.archives.safe_extract`` into ``work_dir`` within ``limits``
+    (default: ``ExtractionLimits.from_env()``). Single wrapping folders (``dogImages/``, ``data/``) are descended
+    into.
     """
     src = Path(input_dir)
     if not src.exists():
         raise PreprocessError(f"input {src} does not exist")
+    if not src.is_dir() and not src.is_file():
+        raise PreprocessError(f"input {src} is neither a folder nor a regular file ({_kind(src.stat().st_mode)})")
     archive: Path | None = None
     if src.is_file():
         if not is_archive(src):
@@ -197,7 +305,7 @@ def resolve_input(input_dir: str | Path, work_dir: str | Path) -> tuple[Path, st
         archive = src
     else:
         dirs, files = _visible(src)
-        archives = [f for f in files if is_archive(f)]
+        archives = [f for f in files if is_archive(f) and stat.S_ISREG(f.lstat().st_mode)]
         if not dirs and len(archives) > 1:
             raise PreprocessError(f"input {src} holds {len(archives)} archives "
                                   f"({', '.join(a.name for a in archives)}); expected one archive or a folder")
@@ -211,10 +319,11 @@ def resolve_input(input_dir: str | Path, work_dir: str | Path) -> tuple[Path, st
         dest = Path(work_dir) / "extracted"
         logger.info("extracting %s", archive)
         try:
-            safe_extract(archive, dest)
+            safe_extract(archive, dest, limits)
         except UnsafeArchiveError as exc:
             raise PreprocessError(str(exc)) from exc
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        except (tarfile.TarError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib.error,
+                lzma.LZMAError, RuntimeError, NotImplementedError) as exc:  # RuntimeError: encrypted zip member
             raise PreprocessError(f"cannot read archive {archive.name}: {exc}") from exc
         root = dest
     # descend through single wrapping folders (but not into a split folder or a class folder of images)
@@ -230,26 +339,40 @@ def resolve_input(input_dir: str | Path, work_dir: str | Path) -> tuple[Path, st
 
 
 def _walk_files(directory: Path, root: Path, ignored: list[str]) -> Iterator[str]:
-    """Sorted relative (posix) paths of the visible files under ``directory``; hidden ones go to ``ignored``."""
-    for dirpath, dirnames, filenames in os.walk(directory):
+    """Sorted relative (posix) paths of every visible non-folder entry under ``directory`` (files, symlinks, also
+    to folders, which are not descended into, and special files); hidden ones go to ``ignored``."""
+    for dirpath, dirnames, filenames in os.walk(directory):  # followlinks=False: linked folders are not entered
         base = Path(dirpath)
+        links = [d for d in dirnames if (base / d).is_symlink()]
         for d in sorted(dirnames):
-            if _is_ignored(d):
+            if _is_ignored(d) and d not in links:
                 ignored.append((base / d).relative_to(root).as_posix() + "/")
-        dirnames[:] = sorted(d for d in dirnames if not _is_ignored(d))
-        for name in sorted(filenames):
+        dirnames[:] = sorted(d for d in dirnames if not _is_ignored(d) and d not in links)
+        for name in sorted(filenames + links):
             rel = (base / name).relative_to(root).as_posix()
             if _is_ignored(name):
                 ignored.append(rel)
-            elif (base / name).is_file():
+            else:
                 yield rel
 
 
-def _class_candidates(directory: Path, root: Path, split: str | None, ignored: list[str]) -> list[Candidate]:
+def _candidate(root: Path, real_root: Path, rel: str, label: str | None, split: str | None,
+               problem: str | None = None) -> Candidate:
+    """A candidate; an entry that must never be opened gets that reason (it wins over a layout ``problem``)."""
+    refused = entry_problem(root / rel, real_root)
+    if refused:
+        return Candidate(rel, label, split, refused, openable=False)
+    return Candidate(rel, label, split, problem)
+
+
+def _class_candidates(directory: Path, root: Path, real_root: Path, split: str | None,
+                      ignored: list[str]) -> list[Candidate]:
     dirs, files = _visible(directory)
-    out = [Candidate(f.relative_to(root).as_posix(), None, split, NOT_IN_CLASS_FOLDER) for f in files]
+    out = [_candidate(root, real_root, f.relative_to(root).as_posix(), None, split, NOT_IN_CLASS_FOLDER)
+           for f in files]
     for class_dir in dirs:
-        found = [Candidate(rel, class_dir.name, split) for rel in _walk_files(class_dir, root, ignored)]
+        found = [_candidate(root, real_root, rel, class_dir.name, split)
+                 for rel in _walk_files(class_dir, root, ignored)]
         if not found:
             logger.warning("class folder %s is empty; skipped", class_dir.relative_to(root).as_posix())
         out.extend(found)
@@ -259,10 +382,11 @@ def _class_candidates(directory: Path, root: Path, split: str | None, ignored: l
 def discover(root: str | Path) -> Discovery:
     """Find the layout, classes and files of the dataset at ``root`` (already unwrapped by ``resolve_input``)."""
     root = Path(root)
+    real_root = Path(os.path.realpath(root))
     ignored: list[str] = []
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
         if _is_ignored(entry.name):
-            ignored.append(entry.name + ("/" if entry.is_dir() else ""))
+            ignored.append(entry.name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
     dirs, files = _visible(root)
     split_dirs: dict[str, str] = {}
     for d in dirs:
@@ -273,7 +397,7 @@ def discover(root: str | Path) -> Discovery:
             raise PreprocessError(f"both {split_dirs[canonical]!r} and {d.name!r} look like the {canonical} split")
         split_dirs[canonical] = d.name
     if not split_dirs:
-        candidates = sorted(_class_candidates(root, root, None, ignored), key=lambda c: c.rel)
+        candidates = sorted(_class_candidates(root, root, real_root, None, ignored), key=lambda c: c.rel)
         return Discovery(root, "class_folders", candidates, ignored)
     if "train" not in split_dirs:
         raise PreprocessError(f"found split folders {sorted(split_dirs.values())} but no train split "
@@ -283,10 +407,11 @@ def discover(root: str | Path) -> Discovery:
         canonical = SPLIT_ALIASES.get(d.name.lower())
         if canonical is None:
             logger.warning("folder %s is not a split folder; its files are quarantined", d.name)
-            candidates.extend(Candidate(rel, None, None, NOT_IN_SPLIT_FOLDER) for rel in _walk_files(d, root, ignored))
+            candidates.extend(_candidate(root, real_root, rel, None, None, NOT_IN_SPLIT_FOLDER)
+                              for rel in _walk_files(d, root, ignored))
         else:
-            candidates.extend(_class_candidates(d, root, canonical, ignored))
-    candidates.extend(Candidate(f.name, None, None, NOT_IN_SPLIT_FOLDER) for f in files)
+            candidates.extend(_class_candidates(d, root, real_root, canonical, ignored))
+    candidates.extend(_candidate(root, real_root, f.name, None, None, NOT_IN_SPLIT_FOLDER) for f in files)
     candidates.sort(key=lambda c: c.rel)
     return Discovery(root, "splits", candidates, ignored, split_dirs)
 
@@ -363,10 +488,23 @@ def validate_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tu
     return True, "ok"
 
 
+def _open_regular(path: Path) -> BinaryIO:
+    """Open ``path`` for reading only if it is a regular file (``O_NONBLOCK``: a FIFO swapped in cannot hang us)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     try:
-        with path.open("rb") as fh:
+        with _open_regular(path) as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     except OSError:
@@ -534,7 +672,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=".preprocess-work-", dir=base))
     try:
         try:
-            root, archive = resolve_input(args.input_dir, work)
+            limits = ExtractionLimits(args.archive_max_bytes, args.archive_max_files, args.archive_max_ratio)
+            root, archive = resolve_input(args.input_dir, work, limits)
             found = discover(root)
         except PreprocessError as exc:
             manifest["error"] = str(exc)
@@ -550,24 +689,18 @@ def _process(args: argparse.Namespace, base: Path, work: Path, root: Path, archi
              fractions: dict[str, float], manifest: dict[str, Any]) -> None:
     staging = work / "staging"
     staging.mkdir()
+    unread = _unread_reasons(found, args.max_file_bytes)
     tasks = [(str(root / c.rel), c.rel, None if c.problem else str(staging / f"{i:08d}.jpg"),
               args.max_pixels, args.resize_shorter_side, args.jpeg_quality)
-             for i, c in enumerate(found.candidates)]
-    logger.info("found %d files (%s layout) under %s; %d hidden/system entries ignored; %d worker(s)",
-                len(tasks), found.layout, root, len(found.ignored), max(1, min(args.workers, len(tasks))))
-    results = _run_tasks(tasks, args.workers)
+             for i, c in enumerate(found.candidates) if c.rel not in unread]
+    logger.info("found %d files (%s layout) under %s (%d not opened); %d hidden/system entries ignored; "
+                "%d worker(s)", len(found.candidates), found.layout, root, len(unread), len(found.ignored),
+                max(1, min(args.workers, len(tasks))))
+    done = iter(_run_tasks(tasks, args.workers))
+    results = [FileResult(c.rel, False, unread[c.rel], "") if c.rel in unread else next(done)
+               for c in found.candidates]
     by_rel = {c.rel: c for c in found.candidates}
-
-    quarantined = []
-    for r in results:
-        if r.ok:
-            continue
-        reason = by_rel[r.rel].problem or r.reason
-        quarantined.append({"path": r.rel, "reason": reason})
-        dest = base / "quarantine" / r.rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / r.rel, dest)
-        logger.warning("quarantined %s: %s", r.rel, reason)
+    quarantined = _quarantine(base, root, results, by_rel, unread, args.max_quarantine_bytes)
     good = [r for r in results if r.ok]
 
     # the given splits (possibly without validation/test) -> the files each split gets
@@ -618,6 +751,65 @@ def _process(args: argparse.Namespace, base: Path, work: Path, root: Path, archi
                          "seed": args.seed}
     manifest["status"] = "succeeded"
     _write_manifest(base, manifest)
+
+
+def _unread_reasons(found: Discovery, max_file_bytes: int) -> dict[str, str]:
+    """Candidates that are never opened, with the reason: special files, refused symlinks, oversize files."""
+    out: dict[str, str] = {}
+    for c in found.candidates:
+        if not c.openable:
+            out[c.rel] = c.problem or "not a regular file"
+            continue
+        try:
+            size = (found.root / c.rel).stat().st_size
+        except OSError as exc:
+            out[c.rel] = f"unreadable file: {exc.strerror or exc}"
+            continue
+        if size > max_file_bytes:
+            out[c.rel] = (f"file of {size} bytes exceeds --max-file-bytes {max_file_bytes}; "
+                          "not read, not copied to quarantine/")
+    return out
+
+
+def _copy_capped(src: Path, dest: Path, room: int) -> int | None:
+    """Copy regular file ``src`` to ``dest`` if it fits in ``room`` bytes; the bytes copied, ``None`` if it does
+    not fit. Never copies more than the size the file had when opened."""
+    with _open_regular(src) as fin:
+        size = os.fstat(fin.fileno()).st_size
+        if size > room:
+            return None
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        left = size
+        with dest.open("wb") as fout:
+            while left > 0 and (block := fin.read(min(1 << 20, left))):
+                fout.write(block)
+                left -= len(block)
+    shutil.copystat(src, dest)
+    return size - left
+
+
+def _quarantine(base: Path, root: Path, results: Sequence[FileResult], by_rel: dict[str, Candidate],
+                unread: dict[str, str], max_bytes: int) -> list[dict[str, str]]:
+    """List every bad file with its reason; copy the ones that were read into ``quarantine/``, at most
+    ``max_bytes`` in all (the reason of a file left out says so)."""
+    quarantined: list[dict[str, str]] = []
+    copied = 0
+    for r in results:
+        if r.ok:
+            continue
+        reason = unread.get(r.rel) or by_rel[r.rel].problem or r.reason
+        if r.rel not in unread:
+            try:
+                n = _copy_capped(root / r.rel, base / "quarantine" / r.rel, max_bytes - copied)
+            except OSError as exc:
+                reason += f"; not copied to quarantine/: {exc.strerror or exc}"
+            else:
+                if n is None:
+                    reason += f"; not copied: quarantine/ would hold more than --max-quarantine-bytes {max_bytes}"
+                copied += n or 0
+        quarantined.append({"path": r.rel, "reason": reason})
+        logger.warning("quarantined %s: %s", r.rel, reason)
+    return quarantined
 
 
 def _duplicates(good: Sequence[FileResult]) -> list[list[str]]:

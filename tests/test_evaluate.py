@@ -202,3 +202,53 @@ def test_missing_model_and_hostile_archive(tmp_path, test_dir, caplog):
     assert evaluate.main(["--model-dir", str(hostile), *args]) == 1
     assert "refusing to extract" in caplog.text
     assert not (tmp_path / "escape.txt").exists()
+
+
+class _Evil:
+    """Pickles as a call to ``print``: harmless if it ever ran, and exactly what weights_only must refuse."""
+
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def _refused_weights(kind: str, good: bytes) -> bytes:
+    if kind == "malicious":
+        buf = io.BytesIO()
+        torch.save({"fc.0.weight": torch.zeros(1), "payload": _Evil()}, buf)
+        return buf.getvalue()
+    return {"garbage": bytes(range(256)) * 4, "truncated": good[:300], "empty": b""}[kind]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("kind", ["malicious", "garbage", "truncated", "empty"])
+def test_refused_model_pth_is_one_clear_line(tmp_path, test_dir, caplog, capsys, kind):
+    trained = write_fixed_model(tmp_path / "trained", "circle")
+    weights = trained / "model.pth"
+    weights.write_bytes(_refused_weights(kind, weights.read_bytes()))
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    pack(trained, model_dir / "model.tar.gz")
+    out = tmp_path / "out"
+    caplog.set_level("ERROR")
+    assert evaluate.main(["--model-dir", str(model_dir), "--test-dir", str(test_dir), "--output-dir", str(out),
+                          "--workers", "0"]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    assert "model.pth: torch.load(weights_only=True) refused it" in errors[0]
+    assert str(model_dir) in errors[0]  # which input it came from, not only the scratch copy
+    assert "pwned" not in capsys.readouterr().out
+    assert not (out / "evaluation.json").exists()
+
+
+@pytest.mark.fast
+def test_refused_model_pth_script_prints_no_traceback(tmp_path, test_dir):
+    trained = write_fixed_model(tmp_path / "model", "circle")
+    (trained / "model.pth").write_bytes(_refused_weights("malicious", b""))
+    proc = subprocess.run([sys.executable, str(ROOT / "steps" / "evaluate.py"), "--model-dir", str(trained),
+                           "--test-dir", str(test_dir), "--output-dir", str(tmp_path / "out"), "--workers", "0"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "pwned" not in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "weights_only=True) refused it" in errors[0] and "Unsupported global" in errors[0]
