@@ -194,7 +194,8 @@ def up(port: int = 0, timeout: float = 60.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the local AWS service exited with {proc.returncode}; see {path.with_name('server.log')}")
+            raise RuntimeError(f"the local AWS service exited with {proc.returncode}; "
+                               f"see {path.with_name('server.log')}")
         state = _read_state()
         if state.get("pid") == proc.pid and _answers(state.get("url", "http://127.0.0.1:0")):
             return str(state["url"])
