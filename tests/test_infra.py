@@ -97,8 +97,8 @@ def test_deploy_lambda_role_is_scoped_to_the_project(template):
     assert {a for a in actions if a.startswith("sagemaker:")} == {
         "sagemaker:ListModelPackages", "sagemaker:DescribeModelPackage", "sagemaker:CreateModel",
         "sagemaker:DescribeModel", "sagemaker:CreateEndpointConfig", "sagemaker:DescribeEndpointConfig",
-        "sagemaker:CreateEndpoint", "sagemaker:UpdateEndpoint", "sagemaker:DescribeEndpoint", "sagemaker:AddTags",
-        "sagemaker:ListTags"}
+        "sagemaker:CreateEndpoint", "sagemaker:UpdateEndpoint", "sagemaker:DescribeEndpoint",
+        "sagemaker:DeleteEndpoint", "sagemaker:AddTags", "sagemaker:ListTags"}
     assert not any(a.endswith("*") for a in actions)
     for statement in statements:
         assert statement["Effect"] == "Allow"

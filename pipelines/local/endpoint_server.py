@@ -37,28 +37,44 @@ Run in the background by :mod:`pipelines.local.endpoints`::
     python -m pipelines.local.endpoint_server --port P --model-dir DIR --state-dir $MLOPS_HOME/endpoints/<name> \
         --name <name>
 
-It writes ``<state-dir>/server.json`` (``pid``, ``port``, ``url``, ``state``) once it listens, and removes it on a
-clean shutdown (SIGTERM/SIGINT: stop accepting, finish the requests in flight, exit 0).
+It writes ``<state-dir>/server.json`` (``pid``, ``port``, ``url``, ``state``, ``settings``) once it listens, and
+removes it on a clean shutdown.
+
+Connections (:class:`EndpointHTTPServer`; every limit is a flag with an ``MLOPS_ENDPOINT_*`` env default, listed in
+docs/LIMITS.md "Endpoint server"): one reactor thread holds all connections that wait on their client, with
+deadlines for the request head, idle keep-alive and closing, and answers ``/ping``; a bounded set of worker threads
+runs complete requests (body read under a deadline). A full pool and queue get 503 at once; connections never add
+threads. SIGTERM/SIGINT drains: stop listening, close idle and incomplete connections, let the requests in flight
+finish within ``--drain-timeout``, exit 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import email.utils
 import errno
 import hmac
 import http.server
+import io
 import ipaddress
 import json
 import logging
 import os
+import queue
 import re
 import secrets
+import selectors
 import signal
+import socket
 import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -249,15 +265,218 @@ def model_error(response: Response, endpoint_name: str, log_stream_arn: str) -> 
                           LogStreamArn=log_stream_arn, ErrorCode=f"{kind.upper()}_ERROR_FROM_MODEL")
 
 
-class EndpointHTTPServer(http.server.ThreadingHTTPServer):
-    # Non-daemon request threads + block_on_close: server_close() waits for the requests in flight.
-    daemon_threads = False
-    block_on_close = True
-    request_queue_size = 128
+
+def _unknown_endpoint(name: str) -> tuple[int, bytes, dict[str, str]]:
+    from pipelines.local.store import LOCAL_ACCOUNT
+
+    return _runtime_error("ValidationError", 400, f"Endpoint {name} of account {LOCAL_ACCOUNT} not found.")
+
+
+def _json_error(reason: str) -> bytes:
+    return json.dumps({"error": reason}).encode("utf-8")
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+#: TorchServe's default for the PyTorch inference containers is one worker per CPU (here: threads, at least 4).
+DEFAULT_WORKERS = max(4, os.cpu_count() or 1)
+#: ServerSettings field -> (environment variable with its default, help). docs/LIMITS.md "Endpoint server" lists them.
+_SETTING_HELP: dict[str, tuple[str, str]] = {
+    "workers": ("MLOPS_ENDPOINT_WORKERS", "worker threads that run requests (the only request threads)"),
+    "queue_size": ("MLOPS_ENDPOINT_QUEUE_SIZE", "complete requests that may wait for a busy worker; more get 503"),
+    "max_connections": ("MLOPS_ENDPOINT_MAX_CONNECTIONS", "open client connections; a connection beyond gets 503"),
+    "backlog": ("MLOPS_ENDPOINT_BACKLOG", "listen backlog (the kernel caps it at net.core.somaxconn)"),
+    "header_timeout_s": ("MLOPS_ENDPOINT_HEADER_TIMEOUT_S",
+                         "seconds to receive a request line and headers (from the connect, or from the first byte "
+                         "of a request on a kept-alive connection)"),
+    "body_timeout_s": ("MLOPS_ENDPOINT_BODY_TIMEOUT_S", "seconds to receive a request body once its headers are in"),
+    "send_timeout_s": ("MLOPS_ENDPOINT_SEND_TIMEOUT_S", "seconds to send a response to a client that stops reading"),
+    "keepalive_timeout_s": ("MLOPS_ENDPOINT_KEEPALIVE_TIMEOUT_S", "seconds an idle keep-alive connection stays open"),
+    "drain_timeout_s": ("MLOPS_ENDPOINT_DRAIN_TIMEOUT_S", "on SIGTERM, seconds the requests in flight get to finish"),
+    "max_header_bytes": ("MLOPS_ENDPOINT_MAX_HEADER_BYTES", "bytes of request line + headers; more get 431"),
+}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the server treats connections: CLI flags of this module, whose defaults come from the env vars above."""
+
+    workers: int = DEFAULT_WORKERS
+    queue_size: int = 100  # TorchServe's default job_queue_size
+    max_connections: int = 1024
+    backlog: int = 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    send_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 60.0
+    drain_timeout_s: float = 10.0
+    max_header_bytes: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            if not getattr(self, item.name) > 0:
+                raise ValueError(f"{item.name} must be > 0, got {getattr(self, item.name)!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerSettings:
+        """Defaults overridden by ``MLOPS_ENDPOINT_*``; raises ``ValueError`` for a value that is not a number."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            variable = _SETTING_HELP[item.name][0]
+            raw = environ.get(variable, "").strip()
+            if raw:
+                kind = type(item.default)
+                try:
+                    values[item.name] = kind(raw)
+                except ValueError:
+                    raise ValueError(f"{variable}={raw!r} is not {'an integer' if kind is int else 'a number'}") \
+                        from None
+        return cls(**values)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.removesuffix("_s").replace("_", "-")
+
+
+def add_setting_arguments(parser: argparse.ArgumentParser, defaults: ServerSettings) -> None:
+    for item in fields(ServerSettings):
+        variable, text = _SETTING_HELP[item.name]
+        parser.add_argument(_flag(item.name), dest=item.name, type=type(item.default),
+                            default=getattr(defaults, item.name), help=f"{text} (default %(default)s, env {variable})")
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(**{item.name: getattr(args, item.name) for item in fields(ServerSettings)})
+
+
+# ---------------------------------------------------------------------------------------------- connections
+
+_TICK_S = 0.1  # how often deadlines are checked
+_LINGER_S = 2.0  # after a final answer: how long to read and discard what the client still sends before closing
+_RECV_BYTES = 64 * 1024
+_ACCEPT_BATCH = 64
+_LISTENER, _WAKE = "listener", "wake"
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_CONNECTION = re.compile(rb"^connection[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
+_HAS_BODY = re.compile(rb"^(?:content-length[ \t]*:[ \t]*0*[1-9]|transfer-encoding[ \t]*:)", re.IGNORECASE | re.M)
+
+
+def _raw_response(status: int, body: bytes, content_type: str | None = JSON, *, keep_alive: bool = False,
+                  headers: dict[str, str] | None = None) -> bytes:
+    """A whole HTTP/1.1 response, for what the reactor answers itself."""
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+             f"Server: {RequestHandler.server_version} {RequestHandler.sys_version}",
+             f"Date: {email.utils.formatdate(usegmt=True)}"]
+    if content_type:
+        lines.append(f"Content-Type: {content_type}")
+    lines += [f"{key}: {value}" for key, value in (headers or {}).items()]
+    lines += [f"Content-Length: {len(body)}", f"Connection: {'keep-alive' if keep_alive else 'close'}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _request_line(head: bytes | bytearray) -> tuple[str, str, str]:
+    """``(method, target, version)`` of a request head, ``""`` for what is missing."""
+    words = bytes(head.split(b"\n", 1)[0]).decode("latin-1").split()
+    method, target, version = (words + ["", "", ""])[:3]
+    return method, target, version
+
+
+def _keep_alive(head: bytes) -> bool:
+    """Whether an HTTP/1.1 client lets the connection stay open (as ``http.server`` decides for ours)."""
+    match = _CONNECTION.search(head)
+    return _request_line(head)[2] == "HTTP/1.1" and not (match and b"close" in match.group(1).lower())
+
+
+class _DeadlineReader(io.RawIOBase):
+    """What a worker reads a request from: the bytes the reactor already read, then the socket, each ``recv``
+    bounded by what is left until ``deadline``. In ``probe`` mode it never touches the socket."""
+
+    def __init__(self, sock: socket.socket, prefix: bytes, deadline: float, restore_timeout: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._prefix = memoryview(prefix)
+        self._deadline = deadline
+        self._restore = restore_timeout
+        self.probe = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        if self._prefix:
+            n = min(len(buffer), len(self._prefix))
+            buffer[:n] = self._prefix[:n]
+            self._prefix = self._prefix[n:]
+            return n
+        if self.probe:
+            return None  # "would block": BufferedReader then returns only what it holds
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request body deadline passed")
+        self._sock.settimeout(remaining)
+        try:
+            return self._sock.recv_into(buffer)
+        finally:
+            self._sock.settimeout(self._restore)
+
+    def leftover(self, rfile: io.BufferedReader) -> bytearray:
+        """What was received beyond the request just handled (a pipelined next request), without waiting."""
+        self.probe = True
+        rest = bytearray()
+        while chunk := rfile.read1(_RECV_BYTES):
+            rest += chunk
+        return rest
+
+
+class _SocketWriter(io.RawIOBase):
+    """``wfile``: every write is a ``sendall`` (bounded by the socket's send timeout)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._sock.sendall(data)
+        return len(data)
+
+
+class _Connection:
+    """One client connection. The reactor holds it while it waits on its client; a worker while it runs one
+    request. ``buffer``: bytes read and not handled yet; ``idle``: no byte of the next request yet."""
+
+    __slots__ = ("sock", "fd", "address", "buffer", "deadline", "idle", "lingering", "counted", "watched")
+
+    def __init__(self, sock: socket.socket, address: tuple[str, int], deadline: float, counted: bool) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.address = address
+        self.buffer = bytearray()
+        self.deadline = deadline
+        self.idle = True
+        self.lingering = False
+        self.counted = counted
+        self.watched = False
+
+
+class EndpointHTTPServer:
+    """The container's HTTP side, with bounded threads. One reactor thread holds, with non-blocking sockets and
+    deadlines, every connection that waits on its client (connecting, sending its head, idle between keep-alive
+    requests, closing) and answers ``GET /ping`` itself; up to ``workers`` threads (started when a request would
+    otherwise wait) run complete requests (body read under a deadline, the toolkit's handler, the response). When
+    all workers are busy and ``queue_size`` requests wait, the reactor answers 503 at once. Connections cost a
+    socket, not a thread: the process has at most ``workers`` + 2 threads of its own, whatever clients do.
+    """
 
     def __init__(self, address: tuple[str, int], *, max_body_bytes: int, token: str, name: str = "",
-                 variant: str = DEFAULT_VARIANT) -> None:
-        super().__init__(address, RequestHandler)
+                 variant: str = DEFAULT_VARIANT, settings: ServerSettings | None = None) -> None:
+        self.settings = settings or ServerSettings()
+        self.listener = socket.create_server(address, backlog=self.settings.backlog)  # SO_REUSEADDR, like HTTPServer
+        self.listener.setblocking(False)
+        self.server_address: tuple[str, int] = self.listener.getsockname()[:2]
         self.current: Loaded | None = None
         self.max_body_bytes = max_body_bytes
         self.token = token
@@ -265,6 +484,23 @@ class EndpointHTTPServer(http.server.ThreadingHTTPServer):
         self.variant = variant
         self.reload_lock = threading.Lock()
         self.generation = 0
+        self.draining = False
+        self._stopping = False
+        self._stop_at = float("inf")
+        self._listening = True
+        self._accept_paused_until = 0.0
+        self._open = 0  # counted connections (reactor thread only)
+        self._watched = 0
+        self._tasks: queue.SimpleQueue[_Connection | None] = queue.SimpleQueue()
+        self._lock = threading.Condition()
+        self._active: set[_Connection] = set()  # queued for or held by a worker
+        self._handback: collections.deque[tuple[_Connection, bool]] = collections.deque()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._reactor_thread = threading.Thread(target=self._reactor, name="reactor", daemon=True)
+        self._workers: list[threading.Thread] = []  # started on demand, up to settings.workers
 
     def swap(self, model_dir: str, environment: dict[str, str] | None = None) -> Loaded:
         """Load a new generation next to the serving one, then swap the reference (one reload at a time)."""
@@ -282,11 +518,350 @@ class EndpointHTTPServer(http.server.ThreadingHTTPServer):
         return arns.arn("logs", LOCAL_REGION, LOCAL_ACCOUNT,
                         f"log-group:/aws/sagemaker/Endpoints/{self.name}:log-stream:{self.variant}/local")
 
+    # ---------------------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        self._selector.register(self.listener, selectors.EVENT_READ, _LISTENER)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+        self._reactor_thread.start()
+
+    def drain(self) -> int:
+        """Graceful stop: no new connections, the ones waiting on their client closed at once, the requests in
+        flight finish within ``drain_timeout_s`` (answered with ``Connection: close``), then everything stops.
+        Returns how many requests had to be cut off at the deadline."""
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        self.draining = True
+        self._wake()
+        with self._lock:
+            if self._active:
+                logger.info("draining: %d request(s) in flight, up to %.1fs", len(self._active),
+                            self.settings.drain_timeout_s)
+            self._lock.wait_for(lambda: not self._active, timeout=max(0.0, deadline - time.monotonic()))
+            cut = list(self._active)
+        for conn in cut:
+            logger.warning("drain deadline passed: cutting off the request from %s", conn.address[0])
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        # Answered clients get up to _LINGER_S to read their answer before the last sockets close.
+        self._stop_at = time.monotonic() + (0.0 if cut else _LINGER_S)
+        self._stopping = True
+        self._wake()
+        if self._reactor_thread.is_alive():
+            self._reactor_thread.join(timeout=max(0.1, self._stop_at - time.monotonic() + 1.0))
+        for _ in self._workers:  # the reactor, which starts workers, has stopped
+            self._tasks.put(None)
+        if not cut:  # a worker still inside a cut-off request is a daemon thread: the process exits anyway
+            for worker in self._workers:
+                worker.join(timeout=1.0)
+        return len(cut)
+
+    def server_close(self) -> None:
+        with self._lock:
+            left = [key.data for key in list(self._selector.get_map().values()) if isinstance(key.data, _Connection)]
+            left += [conn for conn, _ in self._handback] + list(self._active)
+        for conn in left:
+            with contextlib.suppress(OSError):
+                conn.sock.close()
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        self._selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full pipe: the reactor is woken anyway
+            os.write(self._wake_w, b"x")
+
+    # ------------------------------------------------------------------------------------------------ reactor
+
+    def _reactor(self) -> None:
+        next_sweep = 0.0
+        while not self._stopping or (self._watched and time.monotonic() < self._stop_at):
+            try:
+                next_sweep = self._tick(next_sweep)
+            except Exception:  # noqa: BLE001 -- the reactor must survive anything one step does
+                logger.error("reactor step failed: %s", traceback.format_exc().rstrip())
+        for key in list(self._selector.get_map().values()):
+            if isinstance(key.data, _Connection):
+                self._close(key.data)
+
+    def _tick(self, next_sweep: float) -> float:
+        """One round: events, connections handed back by workers, drain start, deadlines (every _TICK_S)."""
+        for key, _ in self._selector.select(timeout=_TICK_S):
+            if key.data is _LISTENER:
+                self._accept()
+            elif key.data is _WAKE:
+                with contextlib.suppress(OSError):
+                    while os.read(self._wake_r, 4096):
+                        pass
+            else:
+                self._guarded(key.data, self._on_readable)
+        while self._handback:
+            conn, keep = self._handback.popleft()
+            self._guarded(conn, self._resume, keep)
+        if self.draining and self._listening:
+            self._stop_listening()
+        now = time.monotonic()
+        if now >= next_sweep:
+            self._sweep(now)
+            next_sweep = now + _TICK_S
+        return next_sweep
+
+    def _guarded(self, conn: _Connection, step: Callable[..., None], *args: Any) -> None:
+        """One reactor step for one connection: whatever goes wrong closes that connection, never the reactor."""
+        try:
+            step(conn, *args)
+        except Exception:  # noqa: BLE001
+            logger.error("connection from %s: %s", conn.address[0], traceback.format_exc().rstrip())
+            self._close(conn)
+
+    def _accept(self) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: the rest waits in the backlog a moment
+                logger.warning("accept failed (%s); pausing accepts for %.1fs", exc, _TICK_S)
+                self._selector.unregister(self.listener)
+                self._accept_paused_until = time.monotonic() + _TICK_S
+                return
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            counted = self._open < self.settings.max_connections
+            self._open += counted
+            conn = _Connection(sock, address, time.monotonic() + self.settings.header_timeout_s, counted)
+            self._watch(conn)
+            if not counted:
+                logger.warning("%s: %d connections open (--max-connections); answering 503", address[0], self._open)
+                self._answer(conn, 503, _json_error(f"too many connections ({self.settings.max_connections} open)"))
+
+    def _on_readable(self, conn: _Connection) -> None:
+        try:
+            chunk = conn.sock.recv(_RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._close(conn)
+        elif not conn.lingering:  # a lingering connection's bytes are discarded
+            conn.buffer += chunk
+            self._advance(conn)
+
+    def _advance(self, conn: _Connection) -> None:
+        """Act on every complete request head in ``conn.buffer`` (pings are answered here; anything else goes
+        to a worker), until the head is incomplete or the connection left the reactor."""
+        while conn.watched and not conn.lingering:
+            if conn.idle:
+                del conn.buffer[:len(conn.buffer) - len(conn.buffer.lstrip(b"\r\n"))]  # RFC 9112 2.2
+                if not conn.buffer:
+                    return
+                conn.idle = False
+                conn.deadline = min(conn.deadline, time.monotonic() + self.settings.header_timeout_s)
+            end = _HEAD_END.search(conn.buffer)
+            if end is None or end.end() > self.settings.max_header_bytes:
+                if end is not None or len(conn.buffer) > self.settings.max_header_bytes:
+                    self._answer(conn, 431, _json_error(f"request line and headers exceed "
+                                                        f"{self.settings.max_header_bytes} bytes"))
+                return
+            self._route(conn, end.end())
+
+    def _route(self, conn: _Connection, head_len: int) -> None:
+        head = bytes(conn.buffer[:head_len])
+        method, target, _ = _request_line(head)
+        path = target.split("?", 1)[0]
+        if method == "GET" and path == "/ping" and not _HAS_BODY.search(head):
+            self._ping(conn, head, head_len)
+            return
+        with self._lock:
+            admitted = len(self._active) < self.settings.workers + self.settings.queue_size
+            if admitted:
+                self._active.add(conn)
+            more_workers = len(self._active) > len(self._workers) and len(self._workers) < self.settings.workers
+        if more_workers:  # like a ThreadPoolExecutor: a thread only when a request would otherwise wait
+            worker = threading.Thread(target=self._work, name=f"worker-{len(self._workers)}", daemon=True)
+            self._workers.append(worker)
+            worker.start()
+        if not admitted:
+            logger.warning('%s "%s %s": all %d workers busy and %d requests queued; answering 503', conn.address[0],
+                           method, target, self.settings.workers, self.settings.queue_size)
+            self._answer(conn, *self._busy(path))
+            return
+        self._unwatch(conn)
+        self._tasks.put(conn)
+
+    def _busy(self, path: str) -> tuple[int, bytes, str, dict[str, str]]:
+        """The 503 for a full worker pool: TorchServe's ``ServiceUnavailableException`` body on the container
+        routes; on ``InvokeEndpoint`` what the runtime makes of a container's 503, a ``ModelError``."""
+        message = (f'Model "model" has no worker to serve inference request: all {self.settings.workers} workers '
+                   f"are busy and {self.settings.queue_size} requests wait (--workers, --queue-size)")
+        body = json.dumps({"code": 503, "type": "ServiceUnavailableException", "message": message}, indent=2)
+        runtime = _RUNTIME_PATH.match(path)
+        if runtime is None:
+            return 503, body.encode("utf-8"), JSON, {}
+        if runtime.group(1) != self.name:
+            status, error, headers = _unknown_endpoint(runtime.group(1))
+        else:
+            status, error, headers = model_error(Response(503, body.encode("utf-8"), JSON), self.name,
+                                                 self.log_stream_arn())
+        return status, error, JSON, headers
+
+    def _ping(self, conn: _Connection, head: bytes, head_len: int) -> None:
+        """``GET /ping`` without a worker, as TorchServe's frontend answers it: never queued behind inferences."""
+        loaded = self.current is not None
+        status, body, content_type = (200, b"\n", "text/plain") if loaded else \
+            (503, _json_error("model not loaded yet"), JSON)
+        logger.info('%s "%s" %d -', conn.address[0], bytes(head.split(b"\n", 1)[0]).decode("latin-1").rstrip(),
+                    status)
+        del conn.buffer[:head_len]
+        if not _keep_alive(head) or self.draining:
+            self._answer(conn, status, body, content_type)
+        elif self._send_now(conn, _raw_response(status, body, content_type, keep_alive=True)):
+            self._idle(conn)
+        else:
+            self._close(conn)
+
+    def _sweep(self, now: float) -> None:
+        for key in list(self._selector.get_map().values()):
+            conn = key.data
+            if isinstance(conn, _Connection) and conn.deadline <= now:
+                if not (conn.idle or conn.lingering):
+                    logger.info("%s: no complete request head within %.1fs (--header-timeout); closing",
+                                conn.address[0], self.settings.header_timeout_s)
+                    self._send_now(conn, _raw_response(408, _json_error(
+                        f"request line and headers not received within {self.settings.header_timeout_s}s")))
+                self._close(conn)
+        if self._accept_paused_until and now >= self._accept_paused_until and self._listening:
+            self._accept_paused_until = 0.0
+            self._selector.register(self.listener, selectors.EVENT_READ, _LISTENER)
+
+    def _stop_listening(self) -> None:
+        """Drain starts: no more connections; the ones waiting on their client (idle, stuck) are closed now."""
+        self._listening = False
+        if not self._accept_paused_until:
+            self._selector.unregister(self.listener)
+        self.listener.close()
+        waiting = [key.data for key in list(self._selector.get_map().values())
+                   if isinstance(key.data, _Connection) and not key.data.lingering]
+        for conn in waiting:
+            self._close(conn)
+        logger.info("draining: stopped listening, closed %d idle or incomplete connection(s)", len(waiting))
+
+    # ------------------------------------------------------------------------------------- reactor: one conn
+
+    def _watch(self, conn: _Connection) -> None:
+        if not conn.watched:
+            self._selector.register(conn.fd, selectors.EVENT_READ, conn)
+            conn.watched = True
+            self._watched += 1
+
+    def _unwatch(self, conn: _Connection) -> None:
+        if conn.watched:
+            self._selector.unregister(conn.fd)
+            conn.watched = False
+            self._watched -= 1
+
+    def _close(self, conn: _Connection) -> None:
+        self._unwatch(conn)
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+        if conn.counted:
+            conn.counted = False
+            self._open -= 1
+
+    @staticmethod
+    def _send_now(conn: _Connection, data: bytes) -> bool:
+        try:
+            return conn.sock.send(data) == len(data)
+        except OSError:
+            return False
+
+    def _answer(self, conn: _Connection, status: int, body: bytes, content_type: str | None = JSON,
+                headers: dict[str, str] | None = None) -> None:
+        """The reactor's final answer on a connection, then a lingering close (so the client reads it, no reset)."""
+        if self._send_now(conn, _raw_response(status, body, content_type, headers=headers)):
+            self._linger(conn)
+        else:
+            self._close(conn)
+
+    def _linger(self, conn: _Connection) -> None:
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_WR)
+        conn.lingering = True
+        conn.buffer.clear()
+        conn.deadline = time.monotonic() + _LINGER_S
+        self._watch(conn)
+
+    def _idle(self, conn: _Connection) -> None:
+        conn.idle = True
+        conn.deadline = time.monotonic() + self.settings.keepalive_timeout_s
+        self._watch(conn)
+
+    def _resume(self, conn: _Connection, keep: bool) -> None:
+        """A worker is done with ``conn``: wait for its next request, or close it."""
+        try:
+            conn.sock.setblocking(False)
+        except OSError:  # closed meanwhile
+            self._close(conn)
+            return
+        if keep and not self.draining:
+            self._idle(conn)
+            self._advance(conn)  # a pipelined request may be in the buffer already
+        else:
+            self._linger(conn)
+
+    # ------------------------------------------------------------------------------------------------ workers
+
+    def _work(self) -> None:
+        while (conn := self._tasks.get()) is not None:
+            keep = False
+            try:
+                keep = self._serve(conn)
+            except OSError as exc:  # the client went away (reset, broken pipe) or the drain cut it off
+                logger.info("%s: connection lost: %s", conn.address[0], exc)
+            except Exception:  # noqa: BLE001 -- one connection fails, never the worker
+                logger.warning("request from %s failed:\n%s", conn.address[0], traceback.format_exc().rstrip())
+            finally:
+                self._handback.append((conn, keep))
+                self._wake()
+                with self._lock:
+                    self._active.discard(conn)
+                    self._lock.notify_all()
+
+    def _serve(self, conn: _Connection) -> bool:
+        """One request on ``conn`` (its head is in ``conn.buffer``); whether the connection stays open."""
+        if self._stopping:
+            return False
+        conn.sock.settimeout(self.settings.send_timeout_s)
+        reader = _DeadlineReader(conn.sock, bytes(conn.buffer), time.monotonic() + self.settings.body_timeout_s,
+                                 self.settings.send_timeout_s)
+        conn.buffer = bytearray()
+        rfile = io.BufferedReader(reader, _RECV_BYTES)
+        handler = RequestHandler(conn, self, rfile)
+        handler.handle_one_request()
+        if handler.close_connection or self.draining:
+            return False
+        conn.buffer = reader.leftover(rfile)
+        return True
+
 
 class RequestHandler(http.server.BaseHTTPRequestHandler):
     server: EndpointHTTPServer
     server_version = "mlops-local-endpoint/1.1"
-    timeout = 120  # seconds a connection may sit idle or trickle its request
+    protocol_version = "HTTP/1.1"  # keep-alive, as TorchServe; every response carries a Content-Length
+
+    def __init__(self, conn: _Connection, server: EndpointHTTPServer, rfile: io.BufferedReader) -> None:
+        # Not BaseRequestHandler's constructor, which would serve the connection to its end: a worker calls
+        # handle_one_request() once for the complete request head the reactor handed it.
+        self.request = self.connection = conn.sock
+        self.client_address = conn.address
+        self.server = server
+        self.rfile = rfile
+        self.wfile = _SocketWriter(conn.sock)
+        self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
         logger.info("%s %s", self.address_string(), format % args)
@@ -301,16 +876,33 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
+        if self.server.draining:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
 
     def _error(self, status: int, reason: str) -> None:
-        self._send(status, json.dumps({"error": reason}).encode("utf-8"))
+        self._send(status, _json_error(reason))
+
+    def _send_aws(self, error: tuple[int, bytes, dict[str, str]]) -> None:
+        """A rest-json error of the SageMaker runtime: JSON body, ``x-amzn-ErrorType`` header."""
+        status, body, headers = error
+        self._send(status, body, JSON, headers)
+
+    def _refuse(self, runtime: bool, status: int, message: str) -> None:
+        """Answer a request whose body is not read (to its end): the connection closes after the answer."""
+        self.close_connection = True
+        if runtime:
+            self._send_aws(_runtime_error("ValidationError", status, message))
+        else:
+            self._error(status, message)
 
     # ------------------------------------------------------------------------------------------------- routing
 
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        if self.headers.get("Content-Length", "0").strip() not in ("", "0") or "Transfer-Encoding" in self.headers:
+            self.close_connection = True  # a GET body is never read: the connection cannot carry another request
         path = self.path.split("?", 1)[0]
         if path == "/ping":
             if self.server.current is None:
@@ -343,7 +935,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self._error(404, f"no route POST {path}; use POST /invocations or POST "
                              f"/endpoints/{self.server.name or '<name>'}/invocations")
 
-    def _read_body(self, runtime: bool) -> bytes | None:
+    def _content_length(self) -> int | None:
+        if "Transfer-Encoding" in self.headers:  # not honoured: never read another request after such a body
+            self.close_connection = True
         raw = self.headers.get("Content-Length")
         if raw is None:
             self.close_connection = True
@@ -357,23 +951,36 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self._error(400, f"invalid Content-Length {raw!r}")
             return None
-        if length > self.server.max_body_bytes:
-            self.close_connection = True
-            if length <= _DRAIN_LIMIT:  # read the refused body so the client is not reset before it sees the 413
-                remaining = length
-                while remaining > 0:
-                    chunk = self.rfile.read(min(remaining, 1 << 20))
-                    if not chunk:
-                        break
-                    remaining -= len(chunk)
-            message = (f"request body of {length} bytes exceeds the endpoint's limit of "
-                       f"{self.server.max_body_bytes} bytes")
-            if runtime:
-                self._send(*_runtime_error("ValidationError", 413, message))
-            else:
-                self._error(413, message)
+        return length
+
+    def _discard(self, length: int) -> None:
+        """Read and drop a refused body, so that the client is not reset before it sees the answer."""
+        remaining = length if length <= _DRAIN_LIMIT else 0
+        with contextlib.suppress(TimeoutError):
+            while remaining > 0 and (chunk := self.rfile.read(min(remaining, 1 << 20))):
+                remaining -= len(chunk)
+
+    def _read_body(self, runtime: bool) -> bytes | None:
+        length = self._content_length()
+        if length is None:
             return None
-        return self.rfile.read(length) if length else b""
+        if length > self.server.max_body_bytes:
+            self._discard(length)
+            self._refuse(runtime, 413, f"request body of {length} bytes exceeds the endpoint's limit of "
+                                       f"{self.server.max_body_bytes} bytes")
+            return None
+        try:
+            body = self.rfile.read(length) if length else b""
+        except TimeoutError:
+            self._refuse(runtime, 408, f"request body of {length} bytes not received within "
+                                       f"{self.server.settings.body_timeout_s}s (--body-timeout)")
+            return None
+        if len(body) < length:  # the client went away mid-body: nobody to answer
+            logger.warning("%s closed the connection after %d of %d body bytes", self.address_string(), len(body),
+                           length)
+            self.close_connection = True
+            return None
+        return body
 
     # --------------------------------------------------------------------------------------------- invocations
 
@@ -399,25 +1006,23 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _invoke_endpoint(self, name: str, body: bytes) -> None:
         """``InvokeEndpoint`` as the SageMaker runtime answers it."""
-        from pipelines.local.store import LOCAL_ACCOUNT
-
         if name != self.server.name:
-            self._send(*_runtime_error("ValidationError", 400, f"Endpoint {name} of account {LOCAL_ACCOUNT} not "
-                                       "found."))
+            self._send_aws(_unknown_endpoint(name))
             return
         response = self._call(body)
         if response is None:
-            self._send(*_runtime_error("ModelNotReadyException", 429, f"Model for endpoint {name} is not ready "
-                                       "yet."))
+            self._send_aws(_runtime_error("ModelNotReadyException", 429, f"Model for endpoint {name} is not ready "
+                                          "yet."))
             return
         if response.status >= 400:
-            self._send(*model_error(response, name, self.server.log_stream_arn()))
+            self._send_aws(model_error(response, name, self.server.log_stream_arn()))
             return
         headers = {INVOKED_VARIANT: self.server.variant}
         for key, value in response.headers.items():
             if key.lower() == CUSTOM_ATTRIBUTES.lower():
                 headers[CUSTOM_ATTRIBUTES] = value
         self._send(200, response.body, response.content_type or JSON, headers)
+
 
     # -------------------------------------------------------------------------------------------------- admin
 
@@ -486,30 +1091,30 @@ def serve(args: argparse.Namespace) -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
     state_path = state_dir / STATE_FILE
     environment = dict(json.loads(args.environment)) if args.environment else {}
+    settings = settings_from_args(args)
     server = _bind(args.host, args.port, max_body_bytes=args.max_body_bytes, token=_new_token(state_dir),
-                   name=args.name, variant=args.variant)
+                   name=args.name, variant=args.variant, settings=settings)
     port = server.server_address[1]
     url = f"http://{args.host}:{port}"
     state: dict[str, Any] = {"pid": os.getpid(), "port": port, "host": args.host, "url": url, "state": "loading",
-                             "name": args.name, "started_at": time.time()}
+                             "name": args.name, "started_at": time.time(), "settings": asdict(settings)}
     _write_json_atomic(state_path, state)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: Any) -> None:
-        logger.info("signal %d: shutting down after the requests in flight", signum)
+        logger.info("signal %d: draining (requests in flight get %.1fs)", signum, settings.drain_timeout_s)
         stop.set()
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True)
-    thread.start()
-    logger.info("endpoint %s listening on %s (pid %d)", args.name or "-", url, os.getpid())
+    server.start()
+    logger.info("endpoint %s listening on %s (pid %d): %s", args.name or "-", url, os.getpid(), asdict(settings))
     rc = 0
     try:
         server.swap(args.model_dir, environment)
         state["state"] = "ready"
         _write_json_atomic(state_path, state)
-        while not stop.wait(0.5):
+        while not stop.wait(0.1):
             pass
     except Exception as exc:
         logger.error("endpoint failed to start: %s", exc, exc_info=not isinstance(exc, HandlerLoadError))
@@ -517,11 +1122,11 @@ def serve(args: argparse.Namespace) -> int:
         _write_json_atomic(state_path, state)
         rc = 1
     finally:
-        server.shutdown()
-        server.server_close()  # joins the request threads still running
+        cut = server.drain()
+        server.server_close()
         if rc == 0:
             state_path.unlink(missing_ok=True)
-        logger.info("endpoint %s stopped", args.name or "-")
+        logger.info("endpoint %s stopped (%d request(s) cut off at the drain deadline)", args.name or "-", cut)
     return rc
 
 
@@ -536,7 +1141,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default=DEFAULT_VARIANT, help="production variant name reported to clients")
     parser.add_argument("--environment", default="", help="JSON object of env vars to set before loading")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    args = parser.parse_args(argv)
+    try:
+        add_setting_arguments(parser, ServerSettings.from_env())
+        args = parser.parse_args(argv)
+        settings_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s")
     return serve(args)

@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_STARTUP_TIMEOUT_S = 180.0
 KEEP_MODEL_DIRS = 2  # the serving model and the one before it
+STOP_GRACE_S = 5.0  # after the server's drain deadline, before SIGKILL
 _NAME_RE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 
 SCHEMA = (
@@ -181,25 +182,43 @@ def _alive(pid: int | None, create_time: float | None) -> bool:
         return False
 
 
-def _stop_process(pid: int | None, create_time: float | None, timeout: float = 15.0) -> None:
+def _stop_timeout(directory: Path | None) -> float:
+    """How long to wait after SIGTERM before SIGKILL: the server's drain deadline (from its ``server.json``,
+    else the default) plus :data:`STOP_GRACE_S` for the interpreter to exit."""
+    settings = _read_json(directory / endpoint_server.STATE_FILE).get("settings") if directory else None
+    try:
+        drain = float((settings or {})["drain_timeout_s"])
+    except (KeyError, TypeError, ValueError):
+        drain = endpoint_server.ServerSettings().drain_timeout_s
+    return drain + STOP_GRACE_S
+
+
+def _stop_process(pid: int | None, create_time: float | None, timeout: float | None = None) -> bool:
+    """SIGTERM (the server drains: requests in flight finish, idle connections close), SIGKILL only if it is
+    still there after ``timeout`` (default: the default drain deadline + grace). Whether SIGTERM sufficed."""
     if not _alive(pid, create_time):
         _CHILDREN.pop(pid or -1, None)
-        return
+        return True
     assert pid is not None
+    timeout = _stop_timeout(None) if timeout is None else timeout
     logger.info("stopping endpoint server pid %d", pid)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and _alive(pid, create_time):
         time.sleep(0.05)
-    if _alive(pid, create_time):
-        logger.warning("endpoint server pid %d ignored SIGTERM for %.0fs; killing it", pid, timeout)
+    graceful = not _alive(pid, create_time)
+    if not graceful:
+        logger.warning("endpoint server pid %d still running %.0fs after SIGTERM; killing it", pid, timeout)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     child = _CHILDREN.pop(pid, None)
     if child is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=5)
+        if graceful and child.returncode not in (0, None):
+            logger.warning("endpoint server pid %d exited with code %s", pid, child.returncode)
+    return graceful
 
 
 def _log_tail(path: Path, lines: int = 40) -> str:
@@ -219,6 +238,17 @@ def _port_free(port: int) -> bool:
             sock.bind(("127.0.0.1", port))
         except OSError:
             return False
+    return True
+
+
+def _port_free_soon(port: int, wait_s: float = 2.0) -> bool:
+    """Whether ``port`` is (or within ``wait_s`` becomes) free: a SIGKILLed server's listening socket is released by
+    the kernel a few tens of milliseconds after the process is already reported dead."""
+    deadline = time.monotonic() + wait_s
+    while not _port_free(port):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
     return True
 
 
@@ -366,7 +396,7 @@ def deploy(endpoint_name: str, model_dir: str | Path, *, environment: dict[str, 
         else:
             if row:
                 logger.warning("endpoint %s: server pid %s is gone; starting a new one", endpoint_name, row["pid"])
-            port = row["port"] if row and row["port"] and _port_free(row["port"]) else 0
+            port = row["port"] if row and row["port"] and _port_free_soon(row["port"]) else 0
             pid, create_time, port, url = _start_server(endpoint_name, directory, deployment, port, startup_timeout,
                                                         max_body_bytes, variant)
         with _db() as conn:
@@ -435,7 +465,7 @@ def delete(endpoint_name: str) -> bool:
     with _locked(endpoint_name) as directory:
         row = _row(endpoint_name)
         if row is not None:
-            _stop_process(row["pid"], row["pid_create_time"])
+            _stop_process(row["pid"], row["pid_create_time"], _stop_timeout(directory))
             with _db() as conn:
                 conn.execute("DELETE FROM endpoints WHERE name = ?", (endpoint_name,))
         for child in list(directory.iterdir()):
