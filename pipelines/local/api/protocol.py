@@ -41,9 +41,14 @@ def parse_scope(headers: Mapping[str, str], query: Mapping[str, list[str]]) -> S
     match = _CREDENTIAL.search(auth)
     if match is None and query.get("X-Amz-Credential"):
         match = _CREDENTIAL.search("Credential=" + query["X-Amz-Credential"][0])
-    if match is None:
-        return None
-    return Scope(access_key=match.group(1), region=match.group(3), service=match.group(4))
+    if match is not None:
+        return Scope(access_key=match.group(1), region=match.group(3), service=match.group(4))
+    # SigV2, which only S3 still accepts: boto3 presigns S3 URLs with it by default (``?AWSAccessKeyId=...``).
+    if auth.startswith("AWS ") and ":" in auth:
+        return Scope(access_key=auth[4:].split(":", 1)[0].strip(), region="us-east-1", service="s3")
+    if query.get("AWSAccessKeyId"):
+        return Scope(access_key=query["AWSAccessKeyId"][0], region="us-east-1", service="s3")
+    return None
 
 
 @dataclass

@@ -59,6 +59,37 @@ class AwsRequestHandler(http.server.BaseHTTPRequestHandler):
     server_version = "mlops-local-aws/1.0"
     protocol_version = "HTTP/1.1"  # keep-alive: boto3 reuses connections
     timeout = 300
+    _continue_pending = False  # an ``Expect: 100-continue`` request whose body no service has read yet
+
+    class _ContinueOnRead:
+        """The body of an ``Expect: 100-continue`` request: ``100 Continue`` goes out on its first read."""
+
+        def __init__(self, handler: AwsRequestHandler) -> None:
+            self._handler = handler
+
+        def _continue(self) -> None:
+            if self._handler._continue_pending:
+                self._handler._continue_pending = False
+                self._handler.send_response_only(100)
+                self._handler.end_headers()
+
+        def read(self, size: int = -1) -> bytes:
+            self._continue()
+            return self._handler.rfile.read(size)
+
+        def __getattr__(self, name: str) -> Any:  # readinto, readline, ...: the body is being read too
+            self._continue()
+            return getattr(self._handler.rfile, name)
+
+    def parse_request(self) -> bool:
+        self._continue_pending = False
+        return super().parse_request()
+
+    def handle_expect_100(self) -> bool:
+        """Defer ``100 Continue`` until a service reads the body, so that a request refused before (403,
+        NoSuchBucket, EntityTooLarge) is answered at once and the client never sends its body."""
+        self._continue_pending = int(self.headers.get("Content-Length") or 0) > 0
+        return True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         logger.debug("%s %s", self.address_string(), format % args)
@@ -83,7 +114,8 @@ class AwsRequestHandler(http.server.BaseHTTPRequestHandler):
             self._plain(400, f"service {scope.service!r} is not served locally (served: {', '.join(SERVICES)})")
             return None
         length = int(self.headers.get("Content-Length") or 0)
-        return Request(self.command, path, raw_path, query, self.headers, self.rfile, length, scope)
+        rfile: Any = self._ContinueOnRead(self) if self._continue_pending else self.rfile
+        return Request(self.command, path, raw_path, query, self.headers, rfile, length, scope)
 
     def _handle(self) -> None:
         request = self._request()
@@ -98,10 +130,13 @@ class AwsRequestHandler(http.server.BaseHTTPRequestHandler):
         except Exception as exc:  # noqa: BLE001 -- a bug in one handler must not take the service down
             logger.error("%s %s failed:\n%s", self.command, self.path, traceback.format_exc())
             response = Response(500, {"Content-Type": "text/plain"}, f"internal error: {exc}".encode())
-        try:
-            request.drain()
-        except OSError:
+        if self._continue_pending:  # answered before the body was asked for: the client may still send it
             self.close_connection = True
+        else:
+            try:
+                request.drain()
+            except OSError:
+                self.close_connection = True
         self._write(response)
 
     def _write(self, response: Response) -> None:
