@@ -332,6 +332,11 @@ def _debugger_hook_config(s3_output_path: Any) -> DebuggerHookConfig:
                               collection_configs=list(DEBUGGER_COLLECTIONS.values()))
 
 
+#: Processing jobs' ``StoppingCondition.MaxRuntimeInSeconds``: preprocessing and evaluating the datasets this
+#: pipeline is sized for take minutes; an hour stops a hung job (a stuck input mount, a deadlock) at a bounded cost.
+DEFAULT_MAX_PROCESSING_SECONDS = 3600
+
+
 def get_pipeline(
     region: str,
     role: str,
@@ -351,6 +356,7 @@ def get_pipeline(
     max_run_seconds: int = 3 * 3600,
     stop_training_on_rule_issue: bool = False,
     endpoint_name: str | None = None,
+    max_processing_seconds: int = DEFAULT_MAX_PROCESSING_SECONDS,
 ) -> Pipeline:
     """Build the pipeline. Makes no AWS call; same arguments (and code sha) give byte-identical definitions.
 
@@ -358,6 +364,9 @@ def get_pipeline(
     ``deploy_function_arn`` defaults to the function ``imgclf-deploy-approved-model`` in the role's account.
     ``tuning_strategy`` is ``Bayesian`` (default, with early stopping ``Auto``), ``Hyperband`` (its own early
     stopping; epochs become the Hyperband resource, from ``EpochsMin`` to ``EpochsMax``) or ``Random``.
+    ``max_run_seconds`` is every training job's ``StoppingCondition.MaxRuntimeInSeconds`` (tuning trials too),
+    ``max_processing_seconds`` every processing job's (``PrepareData``, ``EvaluateModel``; default 1 hour): a job
+    still running then is stopped (SageMaker: ``Stopped``, ``MaxRuntimeExceeded``) and fails the execution.
     ``use_spot_instances``: managed spot training, checkpointing per execution and step under
     ``s3://<bucket>/<prefix>/executions/<PipelineExecutionId>/<StepName>/checkpoints`` (``TuneHyperparameters``,
     ``TrainBestModel``); the local tuner gives each trial ``<that prefix>/<trial's training job name>``, and the
@@ -377,7 +386,8 @@ def get_pipeline(
             base_job_prefix, sagemaker_project_arn, sagemaker_session, cache=cache,
             cache_expire_after=cache_expire_after, tuning_strategy=tuning_strategy,
             use_spot_instances=use_spot_instances, max_run_seconds=max_run_seconds,
-            stop_training_on_rule_issue=stop_training_on_rule_issue, endpoint_name=endpoint_name)
+            stop_training_on_rule_issue=stop_training_on_rule_issue, endpoint_name=endpoint_name,
+            max_processing_seconds=max_processing_seconds)
 
 
 def _build_pipeline(
@@ -385,6 +395,7 @@ def _build_pipeline(
     model_package_group_name: str, pipeline_name: str, base_job_prefix: str, sagemaker_project_arn: str | None,
     sagemaker_session: PipelineSession | None, *, cache: bool, cache_expire_after: str, tuning_strategy: str,
     use_spot_instances: bool, max_run_seconds: int, stop_training_on_rule_issue: bool, endpoint_name: str | None,
+    max_processing_seconds: int = DEFAULT_MAX_PROCESSING_SECONDS,
 ) -> Pipeline:
     if tuning_strategy not in TUNING_STRATEGIES:
         raise ValueError(f"tuning_strategy must be one of {', '.join(TUNING_STRATEGIES)}, not {tuning_strategy!r}")
@@ -417,6 +428,7 @@ def _build_pipeline(
     prepare_processor = Processor(
         role=role, image_uri=cpu_image, instance_count=1, instance_type=p["ProcessingInstanceType"],
         entrypoint=["python3", f"{CODE_DIR}/steps/preprocess.py"], volume_size_in_gb=100,
+        max_runtime_in_seconds=max_processing_seconds,
         base_job_name=f"{base_job_prefix}-prepare", sagemaker_session=session,
     )
     data_outputs = {
@@ -527,7 +539,7 @@ def _build_pipeline(
     # 4. EvaluateModel ----------------------------------------------------------------------------------------
     evaluate_processor = Processor(
         role=role, image_uri=cpu_image, instance_count=1, instance_type=p["ProcessingInstanceType"],
-        entrypoint=["python3", f"{CODE_DIR}/steps/evaluate.py"],
+        entrypoint=["python3", f"{CODE_DIR}/steps/evaluate.py"], max_runtime_in_seconds=max_processing_seconds,
         base_job_name=f"{base_job_prefix}-evaluate", sagemaker_session=session,
     )
     evaluation_report = PropertyFile(name=EVALUATION_PROPERTY_FILE, output_name="evaluation",

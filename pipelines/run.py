@@ -387,6 +387,9 @@ def run_sagemaker(args: argparse.Namespace, clients: AwsClients | None = None) -
     if args.command == "upsert":
         _print(sagemaker_upsert(clients, settings))
     elif args.command == "start":
+        if getattr(args, "start_no_cache", False):
+            raise UserError("start --no-cache is for the local engine; on SageMaker, upsert a definition built "
+                            "without caching (the global flag: --no-cache upsert)")
         request: dict[str, Any] = {"PipelineName": settings.pipeline_name, "ClientRequestToken": str(uuid.uuid4()),
                                    "PipelineParameters": args.parameters}
         if args.display_name:
@@ -475,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--display-name", help="execution display name")
     start.add_argument("--poll-seconds", type=float, default=30.0)
     start.add_argument("--timeout-seconds", type=float, default=24 * 3600.0)
+    # not ``no_cache`` (the global flag, which builds the definition with caching off): the local engine's per-start
+    # switch, read by pipelines.local.cli (START_NO_CACHE_DEST)
+    start.add_argument("--no-cache", dest="start_no_cache", action="store_true",
+                       help="local target: this execution looks nothing up in the step cache")
     for name, text in (("status", "execution status and step statuses"), ("describe", "full execution record"),
                        ("retry", "retry a failed execution from its failed steps"), ("stop", "stop an execution")):
         command = sub.add_parser(name, help=text)

@@ -11,15 +11,24 @@ One code path for three callers:
 The function is a reconciler: it computes the desired state (the newest Approved package of the group) and moves the
 endpoint towards it with at most one ``CreateEndpoint``/``UpdateEndpoint`` call, never waiting for ``InService``
 (an update takes minutes; the Lambda returns the endpoint status, a later call or ``pipelines.run endpoints`` reports
-it).
+it). A ``Failed`` endpoint serves nothing and SageMaker allows only ``DeleteEndpoint`` on it, so it is deleted
+(waiting at most :data:`DELETE_WAIT_S` for it to go) and created again. The status read right after the call is
+checked: ``Failed``, or ``InService`` on another configuration (an update that was rolled back at once, as the local
+backend's synchronous deploys report it), raises :class:`DeploymentError` instead of claiming success.
+
+Rejecting the only Approved version leaves the endpoint serving it (nothing approved to roll back to; deleting a live
+endpoint is not this function's call): the result is ``NothingApproved`` with ``serving_model_package_arn`` and
+``serving_approval_status`` (``Rejected``), and the message says so.
+
 Updates are blue/green (``UpdateEndpoint`` with a ``DeploymentConfig``; SageMaker keeps the old fleet serving until the
 new one is healthy and rolls back on its own if the new fleet fails to come up).
 
 Only these SageMaker client methods are used (docs/CONTRACTS.md §8): ``list_model_packages``,
 ``describe_model_package``, ``create_model``, ``describe_model``, ``create_endpoint_config``,
-``describe_endpoint_config``, ``create_endpoint``, ``update_endpoint``, ``describe_endpoint``, ``add_tags``,
-``list_tags``. The module needs only the standard library and botocore/boto3 (both in the Lambda runtime), so the
-Lambda bundle is this one file (``deploy.py`` at the zip root, handler ``deploy.lambda_handler``).
+``describe_endpoint_config``, ``create_endpoint``, ``update_endpoint``, ``describe_endpoint``, ``delete_endpoint``
+(only for a ``Failed`` endpoint), ``add_tags``, ``list_tags``. The module needs only the standard library and
+botocore/boto3 (both in the Lambda runtime), so the Lambda bundle is this one file (``deploy.py`` at the zip root,
+handler ``deploy.lambda_handler``).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,6 +59,8 @@ TAG_MODEL_PACKAGE_GROUP = "imgclf:model-package-group"
 EVENTBRIDGE_DETAIL_TYPE = "SageMaker Model Package State Change"
 VARIANT_NAME = "AllTraffic"
 LIST_PAGE_SIZE = 100  # MaxResults for list_model_packages (the API maximum)
+DELETE_WAIT_S = 60.0  # how long to wait for a Failed endpoint to be deleted before giving up (Lambda timeout: 120 s)
+DELETE_POLL_S = 5.0
 MAX_NAME_LENGTH = 63
 _NAME_RE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 _ROLE_ARN_RE = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/\S+$")
@@ -96,32 +108,19 @@ def deploy_latest_approved(
     """Make ``endpoint_name`` serve the newest Approved package of ``model_package_group_name``.
 
     Returns ``{"status": "Created"|"Updated"|"NoChange"|"NothingApproved", "endpoint_name", "model_package_arn",
-    "endpoint_status", "message"}``. ``model_package_arn`` is the package the endpoint serves (or is being moved to);
-    ``None`` with ``NothingApproved``. ``endpoint_status`` is the endpoint's status after the call, ``None`` when
-    there is no endpoint.
-
-    Instance settings only take effect with a model change: the same approved version twice is a no-op even if the
-    settings differ. Raises ``ValueError`` for bad arguments, :class:`EndpointBusyError` when the endpoint is being
-    created/updated towards another model, :class:`DeploymentError` when it is ``Failed``, and lets SageMaker's
-    ``ClientError`` through for anything else.
+    "endpoint_status", "message"}``: the package the endpoint serves or moves to (``None`` with ``NothingApproved``,
+    which adds ``serving_model_package_arn``/``serving_approval_status``) and its status after the call. Instance
+    settings only take effect with a model change. A ``Failed`` endpoint is deleted and created again. Raises
+    ``ValueError`` for bad arguments, :class:`EndpointBusyError` when the endpoint is busy with another model (or still
+    being deleted), :class:`DeploymentError` when it cannot be moved (the deploy failed or was rolled back, or a
+    ``Failed`` endpoint may not be deleted), and lets SageMaker's ``ClientError`` through for anything else.
     """
     _validate_arguments(model_package_group_name, endpoint_name, execution_role_arn, instance_type,
                         initial_instance_count, data_capture_s3_uri)
     latest = latest_approved_package(sm_client, model_package_group_name)
     endpoint = _describe_endpoint(sm_client, endpoint_name)
-
     if latest is None:
-        if endpoint is None:
-            message = (f"No Approved model package in group {model_package_group_name!r}; endpoint {endpoint_name!r} "
-                       "was not created. Approve a version to deploy it.")
-        else:
-            serving = _package_of_config(sm_client, endpoint.get("EndpointConfigName"))
-            message = (f"No Approved model package in group {model_package_group_name!r}; endpoint {endpoint_name!r} "
-                       f"left unchanged (still serving {serving or 'an unknown model'}). Approve a version to "
-                       "replace it.")
-        logger.warning(message)
-        return _result(STATUS_NOTHING_APPROVED, endpoint_name, None,
-                       endpoint.get("EndpointStatus") if endpoint else None, message)
+        return _nothing_approved(sm_client, model_package_group_name, endpoint_name, endpoint)
 
     package_arn = latest["ModelPackageArn"]
     package = sm_client.describe_model_package(ModelPackageName=package_arn)
@@ -129,6 +128,7 @@ def deploy_latest_approved(
     version = package.get("ModelPackageVersion", latest.get("ModelPackageVersion"))
     logger.info("Newest Approved package of %s: %s (version %s)", model_package_group_name, package_arn, version)
 
+    endpoint, recreated = _replace_failed(sm_client, endpoint)
     if endpoint is not None:
         no_change = _no_change_or_raise(sm_client, endpoint, package_arn)
         if no_change is not None:
@@ -141,26 +141,21 @@ def deploy_latest_approved(
                                           initial_instance_count, data_capture_s3_uri, tags)
 
     if endpoint is None:
-        sm_client.create_endpoint(EndpointName=endpoint_name, EndpointConfigName=config_name, Tags=tags)
+        raced = _create_endpoint(sm_client, endpoint_name, config_name, tags)
+        if raced is not None:
+            return _joined(sm_client, raced, package_arn)
         status = STATUS_CREATED
         message = (f"Creating endpoint {endpoint_name!r} with {package_arn} (version {version}) on "
-                   f"{initial_instance_count} x {instance_type}, config {config_name!r}.")
+                   f"{initial_instance_count} x {instance_type}, config {config_name!r}{recreated}.")
     else:
-        previous = _package_of_config(sm_client, endpoint.get("EndpointConfigName"))
-        sm_client.update_endpoint(
-            EndpointName=endpoint_name,
-            EndpointConfigName=config_name,
-            # Use the instance type/count of the new config rather than the live fleet's.
-            RetainAllVariantProperties=False,
-            DeploymentConfig=BLUE_GREEN_DEPLOYMENT_CONFIG,
-        )
-        sm_client.add_tags(ResourceArn=endpoint["EndpointArn"], Tags=tags)
+        previous = _update_endpoint(sm_client, endpoint, config_name, tags)
         status = STATUS_UPDATED
         message = (f"Updating endpoint {endpoint_name!r} (blue/green) from {previous or 'an unknown model'} to "
                    f"{package_arn} (version {version}), config {config_name!r}.")
     logger.info(message)
-    endpoint_status = sm_client.describe_endpoint(EndpointName=endpoint_name)["EndpointStatus"]
-    return _result(status, endpoint_name, package_arn, endpoint_status, message)
+    described = sm_client.describe_endpoint(EndpointName=endpoint_name)
+    _check_outcome(described, config_name, package_arn)
+    return _result(status, endpoint_name, package_arn, described["EndpointStatus"], message)
 
 
 def latest_approved_package(sm_client: Any, model_package_group_name: str) -> dict[str, Any] | None:
@@ -297,9 +292,43 @@ def resource_name(endpoint_name: str, suffix: str) -> str:
 
 
 def _result(status: str, endpoint_name: str, package_arn: str | None, endpoint_status: str | None,
-            message: str) -> dict[str, Any]:
+            message: str, **extra: Any) -> dict[str, Any]:
     return {"status": status, "endpoint_name": endpoint_name, "model_package_arn": package_arn,
-            "endpoint_status": endpoint_status, "message": message}
+            "endpoint_status": endpoint_status, "message": message, **extra}
+
+
+def _nothing_approved(sm_client: Any, group: str, endpoint_name: str,
+                      endpoint: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``NothingApproved``: the endpoint (if any) is left as it is; say what it still serves and whether that is a
+    version that is no longer Approved (nothing approved to roll back to)."""
+    if endpoint is None:
+        message = (f"No Approved model package in group {group!r}; endpoint {endpoint_name!r} was not created. "
+                   "Approve a version to deploy it.")
+        logger.warning(message)
+        return _result(STATUS_NOTHING_APPROVED, endpoint_name, None, None, message)
+    serving = _package_of_config(sm_client, endpoint.get("EndpointConfigName"))
+    approval = _approval_status(sm_client, serving)
+    message = (f"No Approved model package in group {group!r}; endpoint {endpoint_name!r} left unchanged (still "
+               f"serving {serving or 'an unknown model'}{f', which is {approval}' if approval else ''}). ")
+    if approval and approval != "Approved":
+        message += (f"It serves a {approval} version: nothing approved to roll back to. Approve a version to replace "
+                    f"it, or delete the endpoint to stop serving it.")
+    else:
+        message += "Approve a version to replace it."
+    logger.warning(message)
+    return _result(STATUS_NOTHING_APPROVED, endpoint_name, None, endpoint.get("EndpointStatus"), message,
+                   serving_model_package_arn=serving, serving_approval_status=approval)
+
+
+def _approval_status(sm_client: Any, package_arn: str | None) -> str | None:
+    if not package_arn:
+        return None
+    try:
+        return sm_client.describe_model_package(ModelPackageName=package_arn).get("ModelApprovalStatus")
+    except ClientError as error:
+        if _is_not_found(error):
+            return None
+        raise
 
 
 def _validate_arguments(group: str, endpoint_name: str, role_arn: str, instance_type: str, count: int,
@@ -427,6 +456,89 @@ def _no_change_or_raise(sm_client: Any, endpoint: Mapping[str, Any], package_arn
     reason = endpoint.get("FailureReason") or "no reason given"
     raise DeploymentError(f"Endpoint {name!r} is {status} ({reason}); SageMaker cannot update it. Delete it "
                           f"(aws sagemaker delete-endpoint --endpoint-name {name}) and deploy again.")
+
+
+def _replace_failed(sm_client: Any, endpoint: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str]:
+    """``(endpoint, note)``: a ``Failed`` endpoint is deleted, so ``(None, note for the message)``."""
+    if endpoint is None or endpoint.get("EndpointStatus") != "Failed":
+        return endpoint, ""
+    _delete_failed_endpoint(sm_client, endpoint)
+    return None, f" (the Failed endpoint, {endpoint.get('FailureReason') or 'no reason given'}, was deleted)"
+
+
+def _delete_failed_endpoint(sm_client: Any, endpoint: Mapping[str, Any]) -> None:
+    """Delete a ``Failed`` endpoint (the only operation SageMaker allows on it) and wait until it is gone."""
+    name = endpoint["EndpointName"]
+    reason = endpoint.get("FailureReason") or "no reason given"
+    logger.warning("Endpoint %s is Failed (%s); deleting it to create it again", name, reason)
+    try:
+        sm_client.delete_endpoint(EndpointName=name)
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        if code in ("AccessDeniedException", "AccessDenied"):
+            raise DeploymentError(
+                f"Endpoint {name!r} is Failed ({reason}) and this function may not delete it "
+                f"(sagemaker:DeleteEndpoint). Delete it (aws sagemaker delete-endpoint --endpoint-name {name}) and "
+                "deploy again.") from error
+        if not _is_not_found(error):  # not found: deleted concurrently by another invocation
+            raise
+    deadline = time.monotonic() + DELETE_WAIT_S
+    while _describe_endpoint(sm_client, name) is not None:
+        if time.monotonic() >= deadline:
+            raise EndpointBusyError(f"Endpoint {name!r} (Failed: {reason}) is still being deleted after "
+                                    f"{DELETE_WAIT_S:.0f}s; retry later to create it again.")
+        time.sleep(DELETE_POLL_S)
+    logger.info("Deleted Failed endpoint %s", name)
+
+
+def _create_endpoint(sm_client: Any, endpoint_name: str, config_name: str,
+                     tags: list[dict[str, str]]) -> dict[str, Any] | None:
+    """``CreateEndpoint``; returns the endpoint another invocation created meanwhile (``None`` when we did)."""
+    try:
+        sm_client.create_endpoint(EndpointName=endpoint_name, EndpointConfigName=config_name, Tags=tags)
+    except ClientError:
+        existing = _describe_endpoint(sm_client, endpoint_name)
+        if existing is None:
+            raise
+        logger.info("Endpoint %s was created concurrently (%s)", endpoint_name, existing.get("EndpointStatus"))
+        return existing
+    return None
+
+
+def _joined(sm_client: Any, endpoint: Mapping[str, Any], package_arn: str) -> dict[str, Any]:
+    """The result when another invocation created the endpoint first: ``NoChange`` if it deploys ``package_arn``."""
+    no_change = _no_change_or_raise(sm_client, endpoint, package_arn)
+    if no_change is None:
+        raise EndpointBusyError(f"Endpoint {endpoint['EndpointName']!r} was created concurrently with another "
+                                f"model; retry to deploy {package_arn}.")
+    return no_change
+
+
+def _update_endpoint(sm_client: Any, endpoint: Mapping[str, Any], config_name: str,
+                     tags: list[dict[str, str]]) -> str | None:
+    """Blue/green ``UpdateEndpoint`` to ``config_name``; returns the package served before."""
+    previous = _package_of_config(sm_client, endpoint.get("EndpointConfigName"))
+    sm_client.update_endpoint(
+        EndpointName=endpoint["EndpointName"],
+        EndpointConfigName=config_name,
+        # Use the instance type/count of the new config rather than the live fleet's.
+        RetainAllVariantProperties=False,
+        DeploymentConfig=BLUE_GREEN_DEPLOYMENT_CONFIG,
+    )
+    sm_client.add_tags(ResourceArn=endpoint["EndpointArn"], Tags=tags)
+    return previous
+
+
+def _check_outcome(described: Mapping[str, Any], config_name: str, package_arn: str) -> None:
+    """Raise :class:`DeploymentError` when the status right after Create/UpdateEndpoint already says it failed:
+    ``Failed``, or ``InService`` on another config (rolled back). On AWS it is ``Creating``/``Updating`` here."""
+    name, status = described.get("EndpointName"), described.get("EndpointStatus")
+    reason = described.get("FailureReason") or "no reason given"
+    if status == "Failed":
+        raise DeploymentError(f"Endpoint {name!r} failed to deploy {package_arn} (config {config_name!r}): {reason}")
+    if status == "InService" and described.get("EndpointConfigName") != config_name:
+        raise DeploymentError(f"Endpoint {name!r} could not move to {package_arn} (config {config_name!r}) and was "
+                              f"rolled back to config {described.get('EndpointConfigName')!r}: {reason}")
 
 
 def _digest(*parts: Any) -> str:

@@ -245,6 +245,8 @@ def test_rejecting_the_only_approved_version_leaves_the_endpoint_and_says_so(aws
 
     assert result["status"] == "NothingApproved"
     assert "left unchanged" in result["message"] and v1 in result["message"]
+    assert "Rejected version: nothing approved to roll back to" in result["message"]
+    assert (result["serving_model_package_arn"], result["serving_approval_status"]) == (v1, "Rejected")
     assert updates.requests == [] and serving(client) == v1
 
 
@@ -279,18 +281,82 @@ def test_busy_endpoint_is_not_touched(aws):
     assert len(updates.requests) == 1
 
 
-def test_failed_endpoint_gets_a_clear_error(aws):
+def _fail_endpoint(reason: str = "The primary container did not pass the ping check") -> None:
+    endpoint = sagemaker_backends[ACCOUNT][REGION].endpoints[ENDPOINT]
+    endpoint.endpoint_status, endpoint.failure_reason = "Failed", reason
+
+
+def test_failed_endpoint_is_deleted_and_created_again(aws):
+    """DeleteEndpoint is the only operation SageMaker allows on a Failed endpoint, which serves nothing."""
     client, updates = aws
     v1, v2 = register(client), register(client)
     set_status(client, v1, "Approved")
     deploy.handle_event(_sample_event("approved", 1), client, env=ENV)
-    endpoint = sagemaker_backends[ACCOUNT][REGION].endpoints[ENDPOINT]
-    endpoint.endpoint_status, endpoint.failure_reason = "Failed", "The primary container did not pass the ping check"
+    _fail_endpoint()
     set_status(client, v2, "Approved")
+    deletes: list[dict] = []
+    client.meta.events.register("provide-client-params.sagemaker.DeleteEndpoint",
+                                lambda params, **_: deletes.append(dict(params)))
 
-    with pytest.raises(deploy.DeploymentError, match="Failed.*ping check.*delete-endpoint"):
+    result = deploy.handle_event(_sample_event("approved", 2), client, env=ENV)
+
+    assert (result["status"], result["model_package_arn"]) == ("Created", v2)
+    assert "Failed endpoint" in result["message"] and "ping check" in result["message"]
+    assert deletes == [{"EndpointName": ENDPOINT}] and updates.requests == []
+    assert serving(client) == v2
+    # The same version that failed is recreated too (a pipeline retry of DeployApprovedModel).
+    _fail_endpoint("interrupted")
+    assert deploy.handle_event(_sample_event("approved", 2), client, env=ENV)["status"] == "Created"
+    assert serving(client) == v2 and len(deletes) == 2
+
+
+def test_failed_endpoint_without_delete_permission_gets_a_clear_error(aws):
+    client, updates = aws
+    v1, v2 = register(client), register(client)
+    set_status(client, v1, "Approved")
+    deploy.handle_event(_sample_event("approved", 1), client, env=ENV)
+    _fail_endpoint()
+    set_status(client, v2, "Approved")
+    denied = {"Error": {"Code": "AccessDeniedException", "Message": "not authorized to perform DeleteEndpoint"},
+              "ResponseMetadata": {"HTTPStatusCode": 400}}
+    client.meta.events.register(
+        "before-call.sagemaker.DeleteEndpoint",
+        lambda **_: (AWSResponse("https://api.sagemaker.us-east-1.amazonaws.com/", 400, {}, None), denied))
+
+    with pytest.raises(deploy.DeploymentError, match="Failed.*ping check.*sagemaker:DeleteEndpoint.*delete-endpoint"):
         deploy.handle_event(_sample_event("approved", 2), client, env=ENV)
     assert updates.requests == []
+    assert client.describe_endpoint(EndpointName=ENDPOINT)["EndpointStatus"] == "Failed"
+
+
+def test_a_deploy_that_fails_at_once_is_not_reported_as_success(aws):
+    """A backend whose deploys are synchronous (the local one) reports the outcome right away: Failed after
+    CreateEndpoint, or InService on the old config after a rolled-back UpdateEndpoint, is an error."""
+    client, updates = aws
+    v1, v2 = register(client), register(client)
+    set_status(client, v1, "Approved")
+    backend = sagemaker_backends[ACCOUNT][REGION]
+
+    def failed(**_):
+        _fail_endpoint("model_fn raised")
+
+    client.meta.events.register("after-call.sagemaker.CreateEndpoint", failed)
+    with pytest.raises(deploy.DeploymentError, match="failed to deploy .*model_fn raised"):
+        deploy.handle_event(_sample_event("approved", 1), client, env=ENV)
+    client.meta.events.unregister("after-call.sagemaker.CreateEndpoint", failed)
+    backend.endpoints[ENDPOINT].endpoint_status = "InService"
+    old_config = client.describe_endpoint(EndpointName=ENDPOINT)["EndpointConfigName"]
+
+    def rolled_back(**_):
+        endpoint = backend.endpoints[ENDPOINT]
+        endpoint.endpoint_status, endpoint.pending_deployment_summary = "InService", None
+        endpoint.failure_reason = "the new fleet failed its health check"
+
+    set_status(client, v2, "Approved")
+    client.meta.events.register("after-call.sagemaker.UpdateEndpoint", rolled_back)
+    with pytest.raises(deploy.DeploymentError, match=f"rolled back to config '{old_config}'.*health check"):
+        deploy.handle_event(_sample_event("approved", 2), client, env=ENV)
+    assert len(updates.requests) == 1 and serving(client) == v1
 
 
 def test_data_capture_and_env_settings_reach_the_endpoint_config(aws):

@@ -249,3 +249,53 @@ def test_client_models_configs_endpoints_and_tags_errors():
     client.delete_model(ModelName="m1")
     with pytest.raises(ClientError, match="Could not find model"):
         client.delete_model(ModelName="m1")
+
+
+def test_client_token_makes_create_model_package_idempotent():
+    shape = registry.operation_model("CreateModelPackage")
+    assert shape.input_shape.members["ClientToken"].metadata["idempotencyToken"] is True
+    assert "ConflictException" in {error.name for error in shape.error_shapes}
+    token = "5f0d9a36-0c1e-5b7a-9f51-1d2c3b4a5e6f"
+    request = register_request(ClientToken=token)
+    first = registry.create_model_package(request)
+    assert registry.create_model_package(json.loads(json.dumps(request))) == first  # a retry: same package
+    assert [p.version for p in registry.list_packages()] == [1]
+    assert registry.package_for_token(token) == first["ModelPackageArn"]
+    with pytest.raises(registry.IdempotentParameterMismatch, match=r"ClientToken .* different CreateModelPackage"):
+        registry.create_model_package(register_request(description="another model", ClientToken=token))
+    assert [p.version for p in registry.list_packages()] == [1]
+
+    execution = "arn:aws:sagemaker:us-east-1:000000000000:pipeline/p/execution/abc123"
+    derived = registry.client_token(execution, "RegisterModel")
+    assert derived == registry.client_token(execution, "RegisterModel") != registry.client_token(execution, "Other")
+    assert re.fullmatch(r"[a-zA-Z0-9-]{1,36}", derived)  # the shape's pattern and length
+    assert registry.create_model_package(register_request(ClientToken=derived)) != first
+    assert registry.create_model_package(register_request()) != first  # no token: no idempotency
+    assert [p.version for p in registry.list_packages()] == [1, 2, 3]
+
+    client = LocalSageMakerClient()
+    assert client.create_model_package(**request)["ModelPackageArn"] == first["ModelPackageArn"]
+    with pytest.raises(ClientError, match="IdempotentParameterMismatch") as info:
+        client.create_model_package(**register_request(description="another model", ClientToken=token))
+    assert info.value.response["Error"]["Code"] == "ConflictException"
+    assert len(registry.list_packages()) == 3
+
+
+def test_failed_endpoint_allows_only_delete():
+    client = LocalSageMakerClient()
+    client.create_model_package_group(ModelPackageGroupName=GROUP)
+    package_arn = client.create_model_package(**register_request())["ModelPackageArn"]  # its model data is missing
+    client.create_model(ModelName="m1", PrimaryContainer={"ModelPackageName": package_arn},
+                        ExecutionRoleArn="arn:aws:iam::000000000000:role/MLOpsLocalExecutionRole")
+    client.create_endpoint_config(EndpointConfigName="c1", ProductionVariants=[{
+        "VariantName": "AllTraffic", "ModelName": "m1", "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}])
+    client.create_endpoint(EndpointName="e1", EndpointConfigName="c1")
+
+    described = client.describe_endpoint(EndpointName="e1")
+    assert described["EndpointStatus"] == "Failed" and "not found in the local artifact store" in \
+        described["FailureReason"]
+    assert_valid_output("DescribeEndpoint", described)
+    with pytest.raises(ClientError, match='Cannot update failed endpoint ".*endpoint/e1"'):
+        client.update_endpoint(EndpointName="e1", EndpointConfigName="c1")
+    client.delete_endpoint(EndpointName="e1")
+    assert client.list_endpoints()["Endpoints"] == []

@@ -1,5 +1,6 @@
-"""Kill the local engine (SIGKILL to its whole process group) while the best-model training job runs, then
-``retry`` the execution: the finished steps are kept (attempt 1, no new tuning trials) and the run completes."""
+"""Kill the local engine (SIGKILL to the engine process alone) while the best-model training job runs: the job's
+processes (the training toolkit, the user script) die with it; then ``retry`` the execution: the finished steps are
+kept (attempt 1, no new tuning trials) and the run completes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pipelines import sample_data
@@ -37,6 +39,19 @@ def _query(db: Path, sql: str, *args):
         conn.close()
 
 
+def _processes_of(home: Path) -> list[int]:
+    """Processes (not zombies) whose environment names this ``MLOPS_HOME``, other than this one."""
+    pids = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.status() != psutil.STATUS_ZOMBIE and \
+                    proc.environ().get("MLOPS_HOME") == str(home):
+                pids.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return pids
+
+
 def test_sigkill_mid_training_then_retry_keeps_finished_steps(tmp_path):
     home = tmp_path / "home"
     data = sample_data.make_dataset(tmp_path / "raw", per_class=16, size=40, seed=5)
@@ -56,11 +71,22 @@ def test_sigkill_mid_training_then_retry_keeps_finished_steps(tmp_path):
                 break
             time.sleep(0.5)
         assert killed_during, f"training never started; engine log:\n{(tmp_path / 'engine.log').read_text()[-3000:]}"
-        os.killpg(engine.pid, signal.SIGKILL)  # the engine and every job it started
+        jobs = [pid for pid in _processes_of(home) if pid != engine.pid]
+        assert len(jobs) >= 3, jobs  # the job guard, the training toolkit, the user script (at least)
+        os.kill(engine.pid, signal.SIGKILL)  # the engine alone: its jobs are in sessions of their own
         engine.wait(30)
+        deadline = time.time() + 10
+        while _processes_of(home) and time.time() < deadline:
+            time.sleep(0.2)
+        assert _processes_of(home) == [], "job processes outlived the engine"
     finally:
         if engine.poll() is None:
             os.killpg(engine.pid, signal.SIGKILL)
+        for pid in _processes_of(home):  # nothing, unless the assertion above failed
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
         log.close()
 
     (execution_id, status), = _query(db, "SELECT execution_id, status FROM executions")

@@ -61,6 +61,7 @@ def add_core_subcommands(subparsers: argparse._SubParsersAction) -> None:
     subparsers.add_parser("upsert", help="store the pipeline definition").set_defaults(command="upsert")
     p = subparsers.add_parser("start", help="run the pipeline locally (foreground)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="override a parameter")
+    add_start_no_cache(p)
     p.set_defaults(command="start")
     for name in ("describe", "status"):
         p = subparsers.add_parser(name, help="an execution's steps, statuses, failure reasons and rule results")
@@ -169,9 +170,24 @@ def _cmd_upsert(args: argparse.Namespace, build_definition: BuildDefinition) -> 
     return 0
 
 
+#: ``start --no-cache``'s attribute: not ``no_cache``, which is ``pipelines.run``'s global flag (a definition built
+#: with caching off); this one keeps the definition and makes one execution skip its cache lookups.
+START_NO_CACHE_DEST = "start_no_cache"
+
+
+def add_start_no_cache(start_parser: argparse.ArgumentParser) -> None:
+    """Add ``--no-cache`` to a ``start`` subparser (here and in ``pipelines/run.py``)."""
+    start_parser.add_argument("--no-cache", dest=START_NO_CACHE_DEST, action="store_true",
+                              help="this execution looks nothing up in the step cache (local engine; its steps' "
+                                   "results are still recorded for later executions)")
+
+
 def run_pipeline(definition: str, pipeline_name: str, overrides: dict[str, Any] | None = None,
-                 *, live: bool | None = None, retry_execution: str | None = None) -> dict[str, Any]:
-    """Start (or resume) an execution with the progress view; print and return the summary."""
+                 *, live: bool | None = None, retry_execution: str | None = None,
+                 no_cache: bool = False) -> dict[str, Any]:
+    """Start (or resume) an execution with the progress view; print and return the summary.
+
+    ``no_cache``: the new execution makes no cache lookups (a resumed one keeps what it was started with)."""
     from pipelines.local.engine import LocalEngine
     from pipelines.local.progress import ProgressView, render_summary, summarize
 
@@ -182,7 +198,7 @@ def run_pipeline(definition: str, pipeline_name: str, overrides: dict[str, Any] 
         if retry_execution:
             execution = engine.resume(retry_execution)
         else:
-            execution = engine.start(overrides)
+            execution = engine.start(overrides, no_cache=no_cache)
     finally:
         view.close()
     summary = summarize(execution, records.steps(execution["execution_id"]))
@@ -198,7 +214,7 @@ def _cmd_start(args: argparse.Namespace, build_definition: BuildDefinition) -> i
     resolve_parameters(json.loads(definition), overrides)  # fail fast on a bad --param
     name = _pipeline_name(args)
     ExecutionStore().upsert_pipeline(name, definition)
-    summary = run_pipeline(definition, name, overrides)
+    summary = run_pipeline(definition, name, overrides, no_cache=bool(getattr(args, START_NO_CACHE_DEST, False)))
     return 0 if summary["status"] == "Succeeded" else 1
 
 

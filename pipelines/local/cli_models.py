@@ -5,6 +5,12 @@
 registry emits an EventBridge "SageMaker Model Package State Change" event and the deploy function
 (``steps.deploy.handle_event``, the very code the AWS Lambda runs) reacts to it -- here with the local SageMaker
 client, so the endpoint is a local server.
+
+Rejecting the only Approved version while it serves leaves the endpoint serving it (the deploy function's
+``NothingApproved``, as on AWS: nothing approved to roll back to, and deleting a live endpoint is a separate, explicit
+decision). ``models reject`` then exits 1 with the reason on stderr (the registry change stands), and ``endpoints
+list`` / ``models describe`` flag the endpoint ("serving a Rejected version: nothing approved to roll back to").
+``models approve`` exits 0 only when the endpoint is InService serving the approved version from a live server.
 """
 
 from __future__ import annotations
@@ -153,6 +159,7 @@ def _models_describe(args: argparse.Namespace) -> int:
         ("Content types", ", ".join(spec.get("SupportedContentTypes") or []) or "-"),
         ("Response types", ", ".join(spec.get("SupportedResponseMIMETypes") or []) or "-"),
     ]
+    rows.append(("Endpoints", _serving_endpoints_text(LocalSageMakerClient(), package)))
     metrics = (package.evaluation or {}).get("multiclass_classification_metrics") or {}
     for name in ("accuracy", "top_5_accuracy", "macro_f1", "weighted_f1"):
         value = (metrics.get(name) or {}).get("value")
@@ -218,21 +225,54 @@ def _models_set_approval(args: argparse.Namespace) -> int:
         _err().print(f"[red]deploy failed:[/red] {type(exc).__name__}: {exc}", highlight=False)
         return 1
     _out().print(f"deploy: {result.get('status')} -- {result.get('message')}", highlight=False)
-    try:
-        described = client.describe_endpoint(EndpointName=args.endpoint_name)
-    except ClientError:
-        return 0  # nothing approved and no endpoint: nothing more to show
-    status = described["EndpointStatus"]
-    if status == "Failed" or described.get("FailureReason"):
-        _err().print(f"endpoint {args.endpoint_name} is {_styled(status)}: {described.get('FailureReason')}",
-                          highlight=False)
+    if result.get("status") == "NothingApproved":
+        return _nothing_approved_exit(args.endpoint_name, result)
+    problem = client.serving_problem(args.endpoint_name, result.get("model_package_arn"))
+    if problem:
+        _err().print(f"[red]endpoint {args.endpoint_name} is not serving {result.get('model_package_arn')}:[/red] "
+                     f"{problem}", highlight=False)
         return 1
-    try:
-        endpoint = endpoints.get(args.endpoint_name)
-        _out().print(f"endpoint {args.endpoint_name} is {_styled(status)} at {endpoint.url}/invocations")
-    except endpoints.EndpointNotFound:
-        _out().print(f"endpoint {args.endpoint_name} is {_styled(status)}")
+    _out().print(f"endpoint {args.endpoint_name} is {_styled('InService')} at "
+                 f"{endpoints.get(args.endpoint_name).url}/invocations")
     return 0
+
+
+def _nothing_approved_exit(endpoint_name: str, result: dict[str, Any]) -> int:
+    """Exit code after ``NothingApproved``: 1 when the endpoint still serves a version that is not Approved."""
+    serving, approval = result.get("serving_model_package_arn"), result.get("serving_approval_status")
+    if result.get("endpoint_status") is None or not approval or approval == "Approved":
+        return 0
+    _err().print(f"[red]endpoint {endpoint_name} still serves {serving}, which is {approval}: nothing approved to "
+                 f"roll back to.[/red] Approve a version to replace it, or `endpoints delete {endpoint_name}` to "
+                 "stop serving it.", highlight=False)
+    return 1
+
+
+def serving_note(client: LocalSageMakerClient, config_name: str | None) -> str | None:
+    """A note when an endpoint config serves a version that is no longer Approved (``None`` otherwise)."""
+    arn = client.package_of_config(config_name)
+    try:
+        package = registry.get_package(arn) if arn else None
+    except registry.ResourceNotFound:
+        return None
+    if package is None or package.approval_status == "Approved":
+        return None
+    approved = registry.list_packages(package.group, "Approved")
+    if not approved:
+        return f"serving a {package.approval_status} version: nothing approved to roll back to"
+    newest = approved[-1].version
+    return (f"serving a {package.approval_status} version; newest Approved is {package.group}/{newest} "
+            f"(models approve {newest} to deploy it)")
+
+
+def _serving_endpoints_text(client: LocalSageMakerClient, package: registry.ModelPackage) -> str:
+    """``name (status)`` of each local endpoint whose config serves ``package``, with its note."""
+    found = []
+    for described in _described_endpoints(client).values():
+        if client.package_of_config(described.get("EndpointConfigName")) == package.arn:
+            note = serving_note(client, described.get("EndpointConfigName"))
+            found.append(f"{described['EndpointName']} ({described['EndpointStatus']})" + (f": {note}" if note else ""))
+    return "; ".join(found) or "-"
 
 
 # --------------------------------------------------------------------------------------------------- endpoints
@@ -258,8 +298,8 @@ def served_package(client: LocalSageMakerClient, config_name: str | None) -> str
     return container.get("ModelDataUrl") or container.get("Image")
 
 
-def _endpoints_list(args: argparse.Namespace) -> int:
-    client = LocalSageMakerClient()
+def _described_endpoints(client: LocalSageMakerClient) -> dict[str, dict[str, Any]]:
+    """``DescribeEndpoint`` of every endpoint, by name (all pages of ``ListEndpoints``)."""
     described: dict[str, dict[str, Any]] = {}
     request: dict[str, Any] = {"MaxResults": 100}
     while True:
@@ -267,8 +307,13 @@ def _endpoints_list(args: argparse.Namespace) -> int:
         for summary in page["Endpoints"]:
             described[summary["EndpointName"]] = client.describe_endpoint(EndpointName=summary["EndpointName"])
         if not page.get("NextToken"):
-            break
+            return described
         request["NextToken"] = page["NextToken"]
+
+
+def _endpoints_list(args: argparse.Namespace) -> int:
+    client = LocalSageMakerClient()
+    described = _described_endpoints(client)
     servers = {e.name: e for e in endpoints.list_endpoints()}
     names = sorted(set(described) | set(servers))
     if not names:
@@ -281,9 +326,10 @@ def _endpoints_list(args: argparse.Namespace) -> int:
         desc, server = described.get(name, {}), servers.get(name)
         health = "-" if server is None else ("[green]up[/green]" if server.alive else "[red]down[/red]")
         serving = served_package(client, desc.get("EndpointConfigName")) or (server.model_dir if server else "-")
-        note = desc.get("FailureReason") or ""
+        notes = [desc.get("FailureReason"), serving_note(client, desc.get("EndpointConfigName"))]
         if server is not None and not server.alive:
-            note = (note + " " if note else "") + f"server pid {server.pid} is gone: endpoints restart {name}"
+            notes.append(f"server pid {server.pid} is gone: endpoints restart {name}")
+        note = " ".join(n for n in notes if n)
         table.add_row(name, _styled(desc.get("EndpointStatus")) if desc else "-", health,
                       server.url if server and server.url else "-", serving or "-",
                       _fmt_time(server.deployed_at) if server else "-", note)

@@ -8,9 +8,29 @@ running ones finish; the execution fails with the step's reason (a FailStep's re
 
 Every step state change is recorded in SQLite (:mod:`pipelines.local.executions`) before and after the step, so an
 engine killed at any point can be resumed with :meth:`LocalEngine.resume` (``retry``): finished steps are kept and
-stale ``Executing`` ones rerun. Steps with ``CacheConfig.Enabled`` reuse an earlier successful run's properties when
-their arguments (with parameters and upstream properties resolved, execution variables left symbolic -- code
-bundles are content-addressed, so code changes change the arguments) match within ``ExpireAfter``.
+stale ``Executing`` ones rerun.
+
+Step statuses are the truth about the job: ``Succeeded`` only when its job exited 0 (:mod:`pipelines.local.jobs`
+reads the job's own exit status); ``Stopped`` when it was stopped (``stop``, or its ``MaxRuntimeInSeconds``:
+SageMaker's ``Stopped``/``MaxRuntimeExceeded``; an execution nobody asked to stop then fails); ``Failed``
+otherwise, with the reason (``killed by SIGKILL`` for a job killed by a signal). Job processes never outlive the
+engine (each job runs under a guard that dies with it, ``kill -9`` included).
+
+Caching follows SageMaker's step signature caching. A step with ``CacheConfig.Enabled`` reuses the properties of an
+earlier run of the same step of the same pipeline when that run ``Succeeded`` (stopped and failed runs are never
+reused), within ``ExpireAfter`` (ISO 8601), and its cache key matches: the step's type and arguments, with
+parameters and upstream properties resolved and execution variables left symbolic (a superset of SageMaker's
+per-step-type key attributes). The key is about arguments, never data content: as on SageMaker, new data at the same
+S3 URI is a cache hit; code bundles are content-addressed, so a code change changes the arguments. Locally a hit is
+also checked to still have every output (each output URI a file, or a directory holding a file), else the step
+reruns. ``start(no_cache=True)`` (``start --no-cache``) makes one execution look nothing up.
+
+Several engines (processes) may share one ``MLOPS_HOME``. What is serialized: writes to ``mlops.db`` (SQLite's own
+locking: WAL journal, 30 s busy timeout, every state change one autocommit statement; a fresh database's switch to
+WAL under an ``fcntl`` lock, :func:`pipelines.local.store.connect`); the opening of Optuna's storage ``optuna.db``
+(its tables, version row and alembic stamp, under an ``fcntl`` lock; then WAL and busy timeouts,
+:func:`pipelines.local.tuner.optuna_storage`). Nothing else needs to be: each execution has its own
+``runs/<execution-id>/`` and job names, and artifact writes go to unique temporary names renamed into place.
 """
 
 from __future__ import annotations
@@ -183,10 +203,16 @@ class LocalEngine:
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------------------------------------------------
-    def start(self, overrides: Mapping[str, Any] | None = None, execution_id: str | None = None) -> dict[str, Any]:
-        """Create an execution with the parameters (defaults + ``overrides``) and run it to the end."""
+    def start(self, overrides: Mapping[str, Any] | None = None, execution_id: str | None = None, *,
+              no_cache: bool = False) -> dict[str, Any]:
+        """Create an execution with the parameters (defaults + ``overrides``) and run it to the end.
+
+        ``no_cache``: this execution looks nothing up in the step cache (``start --no-cache``; also when resumed);
+        its steps still record their cache keys, so later executions can reuse them.
+        """
         parameters = resolver.resolve_parameters(self.definition, overrides)
-        execution = self.records.create_execution(self.pipeline_name, self.definition_json, parameters, execution_id)
+        execution = self.records.create_execution(self.pipeline_name, self.definition_json, parameters, execution_id,
+                                                  no_cache=no_cache)
         logger.info("execution %s of %s started", execution["execution_id"], self.pipeline_name)
         return self._run(execution["execution_id"], resumed=False)
 
@@ -278,36 +304,56 @@ class LocalEngine:
                 done.add(record["step_name"])
                 self.observer.step_status(record["step_name"], "Succeeded",
                                           "kept from the previous attempt" if resumed else "")
+        failures, stopped = self._schedule(execution, done)
+        return self._finish(execution_id, done, failures, stopped)
+
+    def _schedule(self, execution: Mapping[str, Any], done: set[str]) -> tuple[list[tuple[str, str, str]], bool]:
+        """Run the steps as their dependencies succeed; returns ([(step, "failed"|"stopped", reason)], stopped).
+
+        Adds finished steps to ``done``. An exception in this loop (Ctrl-C: KeyboardInterrupt) stops every running
+        job before the pool waits for its threads: jobs run in sessions of their own and get no terminal signal.
+        """
+        execution_id = execution["execution_id"]
         running: dict[Future[None], str] = {}
-        failures: list[tuple[str, str]] = []
+        failures: list[tuple[str, str, str]] = []
         stopped = False
         with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="step") as pool:
-            while True:
-                if not stopped and self.records.stop_requested(execution_id):
-                    stopped = True
-                    logger.warning("stop requested: stopping running jobs")
-                    self.control.stop()
-                blocked = self._blocked(execution_id)
-                if not failures and not stopped:
-                    for name in self.order:
-                        if name in done or name in blocked or name in running.values():
-                            continue
-                        if self.steps[name].deps <= done and len(running) < self.max_workers:
-                            running[pool.submit(self._execute_step, execution, name)] = name
-                if not running:
-                    break
-                finished, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    name = running.pop(future)
-                    try:
-                        future.result()
-                        done.add(name)
-                    except jobs.JobStopped as exc:
-                        failures.append((name, f"stopped: {exc}"))
-                    except StepFailed as exc:
-                        failures.append((name, str(exc)))
-                    except Exception as exc:  # noqa: BLE001 -- recorded as the step's failure
-                        failures.append((name, f"{type(exc).__name__}: {exc}"))
+            try:
+                while True:
+                    if not stopped and self.records.stop_requested(execution_id):
+                        stopped = True
+                        logger.warning("stop requested: stopping running jobs")
+                        self.control.stop()
+                    if not failures and not stopped:
+                        self._submit_ready(pool, execution, done, running)
+                    if not running:
+                        break
+                    finished, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        name = running.pop(future)
+                        outcome = _step_outcome(future)
+                        if outcome is None:
+                            done.add(name)
+                        else:
+                            failures.append((name, *outcome))
+            except BaseException:
+                logger.warning("engine interrupted: stopping running jobs")
+                self.control.stop()
+                raise
+        return failures, stopped
+
+    def _submit_ready(self, pool: ThreadPoolExecutor, execution: Mapping[str, Any], done: set[str],
+                      running: dict[Future[None], str]) -> None:
+        blocked = self._blocked(execution["execution_id"])
+        for name in self.order:
+            if name in done or name in blocked or name in running.values():
+                continue
+            if self.steps[name].deps <= done and len(running) < self.max_workers:
+                running[pool.submit(self._execute_step, execution, name)] = name
+
+    def _finish(self, execution_id: str, done: set[str], failures: list[tuple[str, str, str]],
+                stopped: bool) -> dict[str, Any]:
+        """Record the untaken branches as NotExecuted and the execution's end."""
         blocked = self._blocked(execution_id)
         for name in self.order:
             if name in blocked:
@@ -315,9 +361,10 @@ class LocalEngine:
                 self.observer.step_status(name, "NotExecuted", "branch not taken")
         if stopped:
             status, reason = "Stopped", "stopped on request"
-        elif failures:
+        elif failures:  # a step stopped by its MaxRuntimeInSeconds fails the execution: nobody asked to stop it
             status = "Failed"
-            reason = "; ".join(f"Step {n} failed: {r}" if self.steps[n].type != "Fail" else r for n, r in failures)
+            reason = "; ".join(f"Step {n} {verb}: {r}" if self.steps[n].type != "Fail" else r
+                               for n, verb, r in failures)
         else:
             pending = [n for n in self.order if n not in done and n not in blocked]
             status, reason = ("Succeeded", None) if not pending else ("Failed", f"steps not run: {pending}")
@@ -401,7 +448,13 @@ class LocalEngine:
         return on_line
 
     def _cache_lookup(self, execution: Mapping[str, Any], step: StepDef) -> tuple[str | None, dict[str, Any] | None]:
-        """(cache key, cached record) for a step with CacheConfig.Enabled; (None, None) without caching."""
+        """(cache key, cached record) for a step with CacheConfig.Enabled; (None, None) without caching.
+
+        The key: the step's type, its arguments with parameters and upstream properties resolved and execution
+        variables left symbolic, and its PropertyFiles -- never the content of the data they point to (module
+        docstring, "Caching"). The record: the latest ``Succeeded`` run of the step with that key in this pipeline
+        within ``ExpireAfter``, from another execution, whose outputs are all still there.
+        """
         cache = step.spec.get("CacheConfig") or {}
         if not cache.get("Enabled"):
             return None, None
@@ -409,6 +462,9 @@ class LocalEngine:
         payload = json.dumps({"type": step.type, "arguments": symbolic,
                               "property_files": step.spec.get("PropertyFiles")}, sort_keys=True, default=_json_default)
         key = hashlib.sha256(payload.encode()).hexdigest()
+        if execution.get("no_cache"):
+            logger.info("step %s: no cache lookup (the execution was started with --no-cache)", step.name)
+            return key, None
         expire = cache.get("ExpireAfter")
         try:
             window = parse_iso_duration(expire) if expire else float("inf")
@@ -419,18 +475,23 @@ class LocalEngine:
         if hit and hit["execution_id"] == execution["execution_id"]:
             hit = None
         if hit and not self._outputs_exist(hit.get("properties") or {}):
-            logger.info("cache entry of %s from %s has lost its outputs; rerunning", step.name, hit["execution_id"])
+            logger.info("cache entry of %s from %s has lost (or never had) its outputs; rerunning", step.name,
+                        hit["execution_id"])
             hit = None
         return key, hit
 
     def _outputs_exist(self, properties: Mapping[str, Any]) -> bool:
-        uris: list[str] = []
-        model = (properties.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
-        if model:
-            uris.append(model)
-        for output in ((properties.get("ProcessingOutputConfig") or {}).get("Outputs") or {}).values():
-            uris.append(output["S3Output"]["S3Uri"])
-        return all(self.artifacts.exists(u) for u in uris)
+        """Every output URI of a step's properties is in the artifact store: a file, or a directory with a file."""
+        return all(self._present(uri) for uri in output_uris(properties))
+
+    def _present(self, uri: str) -> bool:
+        try:
+            path = self.artifacts.path(uri)
+        except ValueError:
+            return False
+        if path.is_file():
+            return True
+        return path.is_dir() and any(p.is_file() for p in path.rglob("*"))
 
     def _job_name(self, execution_id: str, step: StepDef, attempt: int, limit: int = 63) -> str:
         suffix = hashlib.sha1(f"{execution_id}/{step.name}/{attempt}".encode()).hexdigest()[:6]
@@ -521,16 +582,23 @@ class LocalEngine:
     def _step_registermodel(self, execution, step, ctx, job_dir, log_path, attempt):  # noqa: ANN001
         from pipelines.local import registry
 
+        # The request carries the step's identity (execution ARN + step name) as CreateModelPackage's idempotency
+        # token, recorded with the arguments before the call: an attempt that dies after the registry's commit is
+        # retried with the same token and gets the same package back instead of registering the artifact again.
         arguments = resolver.resolve(step.arguments, ctx)
-        self.records.set_step_arguments(execution["execution_id"], step.name, arguments, None)
+        token = registry.client_token(execution["arn"], step.name)
+        request = {**arguments, "ClientToken": token}
+        self.records.set_step_arguments(execution["execution_id"], step.name, request, None)
+        earlier = registry.package_for_token(token)
         try:
-            created = registry.create_model_package(arguments)
-        except Exception as exc:  # botocore ParamValidationError, RegistryError
+            created = registry.create_model_package(request)
+        except Exception as exc:  # botocore ParamValidationError, RegistryError (IdempotentParameterMismatch too)
             raise StepFailed(f"CreateModelPackage failed: {exc}") from exc
         described = registry.get_package(created["ModelPackageArn"]).describe()
         with open(log_path, "a", encoding="utf-8") as fh:
-            fh.write(f"[engine] registered {created['ModelPackageArn']} "
-                     f"({described.get('ModelApprovalStatus')})\n")
+            how = "reused (an earlier attempt registered it)" if earlier else "registered"
+            fh.write(f"[engine] {how} {created['ModelPackageArn']} ({described.get('ModelApprovalStatus')}), "
+                     f"ClientToken {token}\n")
         return {**described, "ModelPackageArn": created["ModelPackageArn"]}
 
     def _step_lambda(self, execution, step, ctx, job_dir, log_path, attempt):  # noqa: ANN001
@@ -555,6 +623,12 @@ class LocalEngine:
             fh.write(f"[engine] {fn_name} returned {json.dumps(result, default=str)}\n")
         if not isinstance(result, dict):
             raise StepFailed(f"Lambda function {fn_name} returned {type(result).__name__}, expected a JSON object")
+        if fn_name == DEPLOY_FUNCTION_NAME and result.get("status") in ("Created", "Updated", "NoChange"):
+            # Local deploys finish inside the call: succeed only if the endpoint really serves the package now.
+            problem = local_sagemaker_client().serving_problem(result.get("endpoint_name"),
+                                                               result.get("model_package_arn"))
+            if problem:
+                raise StepFailed(f"Lambda function {fn_name} returned {result.get('status')} but {problem}")
         outputs: dict[str, Any] = {}
         for spec in step.spec.get("OutputParameters") or []:
             out_name, out_type = spec["OutputName"], spec.get("OutputType", "String")
@@ -638,6 +712,38 @@ def _upload_debugger_outputs(debugger: Any, request: Mapping[str, Any], job_name
         if root and local.is_dir():
             artifacts.copy_in(local, f"{root}/{job_name}/rule-output/{rule}")
     return uploaded
+
+
+def output_uris(properties: Mapping[str, Any]) -> list[str]:
+    """The output URIs of a job step's (Describe-shaped) properties: processing outputs; a training job's model,
+    ``output.tar.gz`` and Debugger/Profiler outputs; a tuning job's best training job's model."""
+    uris: list[str] = []
+    outputs = (properties.get("ProcessingOutputConfig") or {}).get("Outputs") or {}
+    for output in outputs.values() if isinstance(outputs, Mapping) else outputs:
+        uri = (output.get("S3Output") or {}).get("S3Uri")
+        if uri:
+            uris.append(str(uri))
+    best = properties.get("BestTrainingJob") or {}
+    for source in (properties, best):
+        model = (source.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
+        if model:
+            uris.append(str(model))
+    uris += [str(properties[k]) for k in ("OutputDataUri", "DebugOutputS3Uri", "ProfilerOutputS3Uri")
+             if properties.get(k)]
+    return uris
+
+
+def _step_outcome(future: Future[None]) -> tuple[str, str] | None:
+    """None for a step that succeeded, else ("failed" or "stopped", reason); the step has recorded it already."""
+    try:
+        future.result()
+    except jobs.JobStopped as exc:
+        return "stopped", str(exc)
+    except StepFailed as exc:
+        return "failed", str(exc)
+    except Exception as exc:  # noqa: BLE001 -- recorded as the step's failure
+        return "failed", f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _pid_alive(pid: Any) -> bool:

@@ -25,7 +25,7 @@ SCHEMA = (
         execution_id TEXT PRIMARY KEY, pipeline_name TEXT NOT NULL, arn TEXT NOT NULL, status TEXT NOT NULL,
         parameters TEXT NOT NULL, definition TEXT NOT NULL, created_at REAL NOT NULL, started_at REAL,
         ended_at REAL, failure_reason TEXT, pid INTEGER, stop_requested INTEGER NOT NULL DEFAULT 0,
-        attempt INTEGER NOT NULL DEFAULT 1)""",
+        attempt INTEGER NOT NULL DEFAULT 1, no_cache INTEGER NOT NULL DEFAULT 0)""",
     """CREATE TABLE IF NOT EXISTS steps (
         execution_id TEXT NOT NULL REFERENCES executions(execution_id) ON DELETE CASCADE,
         step_name TEXT NOT NULL, step_type TEXT NOT NULL, status TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 0,
@@ -96,6 +96,18 @@ class ExecutionStore:
         if conn is not None:
             for statement in SCHEMA:
                 self._x(statement)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added since a database was created (``no_cache``); tolerates another process adding them."""
+        columns = {row[1] for row in self._x("PRAGMA table_info(executions)").fetchall()}
+        if "no_cache" in columns:
+            return
+        try:
+            self._x("ALTER TABLE executions ADD COLUMN no_cache INTEGER NOT NULL DEFAULT 0")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):
+                raise
 
     def _x(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         """Execute and fetch under a lock (the connection is shared by the engine's threads)."""
@@ -117,13 +129,14 @@ class ExecutionStore:
 
     # executions --------------------------------------------------------------------------------------------
     def create_execution(self, pipeline_name: str, definition: str, parameters: dict[str, Any],
-                         execution_id: str | None = None) -> dict[str, Any]:
+                         execution_id: str | None = None, *, no_cache: bool = False) -> dict[str, Any]:
+        """Record a new execution (``no_cache``: its steps look nothing up in the step cache)."""
         execution_id = execution_id or new_execution_id()
         self._x(
-            "INSERT INTO executions (execution_id, pipeline_name, arn, status, parameters, definition, created_at, pid)"
-            " VALUES (?, ?, ?, 'Executing', ?, ?, ?, ?)",
+            "INSERT INTO executions (execution_id, pipeline_name, arn, status, parameters, definition, created_at, pid,"
+            " no_cache) VALUES (?, ?, ?, 'Executing', ?, ?, ?, ?, ?)",
             (execution_id, pipeline_name, execution_arn(pipeline_name, execution_id), json.dumps(parameters),
-             definition, utcnow(), os.getpid()))
+             definition, utcnow(), os.getpid(), int(no_cache)))
         return self.get_execution(execution_id)  # type: ignore[return-value]
 
     def get_execution(self, execution_id: str) -> dict[str, Any] | None:
@@ -233,7 +246,9 @@ class ExecutionStore:
 
     def find_cached(self, pipeline_name: str, step_name: str, cache_key: str,
                     newer_than: float) -> dict[str, Any] | None:
-        """The latest Succeeded run of the same step with the same cache key (any execution of the pipeline)."""
+        """The latest Succeeded run of the same step with the same cache key (any execution of the pipeline).
+
+        Only ``Succeeded`` runs are candidates: a stopped or failed step's outputs are never reused."""
         row = self._x(
             "SELECT s.* FROM steps s JOIN executions e ON e.execution_id = s.execution_id "
             "WHERE e.pipeline_name=? AND s.step_name=? AND s.cache_key=? AND s.status='Succeeded' "

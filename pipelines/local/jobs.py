@@ -49,6 +49,17 @@ arguments) is rewritten into the job directory; inputs are copied from the artif
 outputs uploaded to their ``S3Uri`` after it.
 
 Logs (stdout + stderr) go to a file per job and, line by line, to an ``on_line`` callback (progress view, tuner).
+
+Lifetime and outcome of a job's processes (:func:`run_command`, any job kind):
+
+- every job runs under a guard process in a session of its own (see :data:`GUARD_SOURCE`): it dies with the engine,
+  ``kill -9`` included, and takes every process of the job with it (grandchildren such as the toolkit's user script
+  and DataLoader workers too); what a job leaves running when its command exits is killed, as a container's end does;
+- the recorded outcome is the job's own exit status (``Popen.returncode``; psutil never reaps our direct child): a
+  job stopped (``stop``, pruning) raises :class:`JobStopped`; one that reaches ``StoppingCondition.
+  MaxRuntimeInSeconds`` (processing, training, each tuning trial) raises :class:`MaxRuntimeExceeded` -- SageMaker's
+  ``Stopped`` with secondary status ``MaxRuntimeExceeded``; one killed by a signal otherwise fails with the signal
+  named (``killed by SIGKILL``). Only exit status 0 is a success.
 """
 
 from __future__ import annotations
@@ -59,6 +70,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -88,6 +100,22 @@ class JobStopped(RuntimeError):
     """A job was stopped on request (``stop``, pruning, or its MaxRuntimeInSeconds)."""
 
 
+class MaxRuntimeExceeded(JobStopped):
+    """A job hit its ``StoppingCondition.MaxRuntimeInSeconds``.
+
+    SageMaker reports such a job as ``Stopped`` with the secondary status ``MaxRuntimeExceeded`` ("The job stopped
+    because it exceeded the maximum allowed runtime", botocore's DescribeTrainingJob documentation); ``str()`` says
+    both, with the limit.
+    """
+
+    SECONDARY_STATUS = "MaxRuntimeExceeded"
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"{self.SECONDARY_STATUS}: The job stopped because it exceeded the maximum allowed runtime "
+                         f"(MaxRuntimeInSeconds={seconds:g})")
+        self.seconds = seconds
+
+
 class JobControl:
     """A stop switch shared by the engine and its running jobs; ``stop()`` kills every running job's process tree."""
 
@@ -109,93 +137,321 @@ class JobControl:
         with self._lock:
             procs = list(self._procs)
         for proc in procs:
-            kill_tree(proc.pid)
+            kill_tree(proc)
 
     @property
     def stopped(self) -> bool:
         return self.stop_event.is_set()
 
 
-def kill_tree(pid: int) -> None:
-    """Kill a process and all its descendants (DataLoader workers included)."""
-    try:
-        import psutil
+# --- job processes --------------------------------------------------------------------------------------------
+#
+# Every job runs under a *guard*: a tiny stdlib-only Python process (below, run with ``python -I -S -c``) that the
+# engine starts in a new session (``start_new_session``: the guard leads the job's session and process group) and
+# that starts the job's command. The guard
+#
+# - asks the kernel for SIGTERM when the engine dies (``prctl(PR_SET_PDEATHSIG)``, which covers ``kill -9`` of the
+#   engine; it fires when the engine *thread* that started the guard ends, and that thread waits for the job), and
+#   re-checks the engine's pid after asking (the engine may already be gone);
+# - is a child subreaper (``prctl(PR_SET_CHILD_SUBREAPER)``), so descendants whose parent died (the training
+#   toolkit's user script, DataLoader workers, daemonised helpers -- even those that called ``setsid``) are
+#   re-parented to it rather than to init, and reaps them;
+# - on that signal (or SIGHUP/SIGINT) kills with SIGKILL every process of the job -- its session and all its
+#   descendants -- and exits; when the job's command exits it kills what the command left behind (as the end of a
+#   container does) and exits with the command's status: the same exit code, or death by the same signal, so
+#   ``Popen.returncode`` is the job's own (``-9`` for SIGKILL).
+#
+# The engine's stop (:func:`kill_tree`) kills the guard's process group and the guard's descendants directly, and
+# only ``Popen.wait()`` reaps the guard (psutil never waits on our direct child: it would steal its exit status).
 
-        parent = psutil.Process(pid)
-        procs = parent.children(recursive=True) + [parent]
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=10)
-    except Exception:  # noqa: BLE001 -- the process may already be gone
+GUARD_SOURCE = r'''
+import os, signal, sys, time
+
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+ME = os.getpid()
+
+
+def table():
+    procs = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
         try:
-            os.kill(pid, 9)
+            with open("/proc/" + name + "/stat", "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        fields = data[data.rindex(b")") + 2:].split()
+        if fields[0] not in (b"Z", b"X"):
+            procs[int(name)] = (int(fields[1]), int(fields[3]))  # ppid, session
+    return procs
+
+
+def others():
+    """The job's processes but the guard: its session and every descendant of the guard."""
+    procs = table()
+    found = {pid for pid, (_ppid, sid) in procs.items() if sid == ME}
+    children = {}
+    for pid, (ppid, _sid) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    stack = [ME]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    found.discard(ME)
+    return found
+
+
+def reap():
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def kill_job(dying):
+    if not os.path.isdir("/proc"):  # no process table to read: the group, and only when the guard goes too
+        if dying:
+            os.killpg(0, signal.SIGKILL)
+        return
+    for _ in range(100):
+        pids = others()
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.02)
+        reap()
+
+
+def on_signal(signum, frame):
+    kill_job(True)
+    os._exit(128 + signum)
+
+
+def watch_engine(engine):
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):  # not Linux: poll the parent instead
+        import threading
+
+        def poll():
+            while os.getppid() == engine:
+                time.sleep(0.5)
+            os.kill(ME, signal.SIGTERM)
+        threading.Thread(target=poll, daemon=True).start()
+    if os.getppid() != engine:  # the engine died before we asked
+        os._exit(1)
+
+
+def exit_like(status):
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            import resource
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+        os.kill(ME, sig)
+        os._exit(128 + sig)
+    os._exit(os.waitstatus_to_exitcode(status))
+
+
+def main():
+    engine, path, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    watch_engine(engine)
+    try:
+        child = os.posix_spawn(path, argv, os.environ)
+    except OSError as exc:
+        sys.stderr.write("cannot start %s: %s\n" % (argv[0], exc))
+        os._exit(127)
+    while True:
+        pid, status = os.waitpid(-1, 0)
+        if pid == child:
+            break
+    kill_job(False)
+    reap()
+    exit_like(status)
+
+
+main()
+'''
+
+
+#: The guard's source travels in this variable (removed before the job starts), so that ``ps`` shows a short line.
+GUARD_ENV = "MLOPS_JOB_GUARD"
+GUARD_BOOT = f"import os; exec(os.environ.pop({GUARD_ENV!r}))"
+
+
+def describe_exit(code: int) -> str:
+    """``exit code 3`` or, for a process killed by a signal (``Popen.returncode`` < 0), ``killed by SIGKILL``."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def kill_tree(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL a job started by :func:`run_command`: its guard, the guard's process group and descendants.
+
+    Never waits for the guard itself (our direct child): only ``proc.wait()`` reaps it, so its exit status is the
+    job's. Descendants are waited for (briefly) by psutil; they are not our children.
+    """
+    descendants: list[Any] = []
+    alive = proc.returncode is None
+    if alive:
+        try:
+            import psutil
+
+            descendants = psutil.Process(proc.pid).children(recursive=True)
+        except Exception:  # noqa: BLE001 -- gone already, or psutil missing: the group kill still runs
+            descendants = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the guard leads the job's process group (start_new_session)
+    except OSError:
+        pass
+    for child in descendants:
+        try:
+            child.kill()
+        except Exception:  # noqa: BLE001 -- already gone
+            pass
+    if alive:
+        try:
+            proc.kill()
         except OSError:
             pass
+    if descendants:
+        import psutil
+
+        psutil.wait_procs(descendants, timeout=5)
+
+
+def _executable(name: str, cwd: Path, env: Mapping[str, str]) -> str:
+    """The path ``execvp`` would run for ``name``; :class:`JobError` (``cannot start ...``) when there is none."""
+    if os.sep in name:
+        path = Path(cwd, name)
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    else:
+        found = shutil.which(name, path=env.get("PATH", os.defpath))
+        if found:
+            return found
+    raise JobError(f"cannot start {name}: no such executable file")
+
+
+def _spawn(cmd: list[str], cwd: Path, env: Mapping[str, str]) -> subprocess.Popen[str]:
+    """Start ``cmd`` under the job guard, in a new session, stdout+stderr on one pipe, no stdin (as a container)."""
+    guard = [sys.executable, "-I", "-S", "-c", GUARD_BOOT, str(os.getpid()), _executable(cmd[0], cwd, env), *cmd]
+    try:
+        return subprocess.Popen(guard, cwd=cwd, env={**env, GUARD_ENV: GUARD_SOURCE}, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                errors="replace", start_new_session=True)
+    except OSError as exc:
+        raise JobError(f"cannot start {cmd[0]}: {exc}") from exc
+
+
+class _Stop:
+    """Why a job was stopped; the first reason wins."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reason: JobStopped | None = None
+
+    def set(self, reason: JobStopped) -> bool:
+        with self._lock:
+            if self.reason is not None:
+                return False
+            self.reason = reason
+            return True
+
+
+def _watchdog(proc: subprocess.Popen[str], done: threading.Event, stop: _Stop, control: JobControl | None,
+              timeout_s: float | None) -> None:
+    """Stop the job on ``control.stop()`` or at its deadline; once the guard is gone, kill what is left of its
+    group (a leftover holding the log pipe would keep the reader waiting)."""
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    while not done.wait(0.1):
+        if proc.poll() is not None:
+            kill_tree(proc)
+            continue
+        reason: JobStopped | None = None
+        if control is not None and control.stopped:
+            reason = JobStopped("stopped on request")
+        elif deadline is not None and time.monotonic() > deadline:
+            reason = MaxRuntimeExceeded(float(timeout_s or 0))
+        if reason is not None:
+            if stop.set(reason):
+                logger.info("job pid %s: %s", proc.pid, reason)
+            kill_tree(proc)
+            return
+
+
+def _pump(proc: subprocess.Popen[str], log: Any, on_line: OnLine | None, stop: _Stop) -> None:
+    """Tee the job's output to the log and ``on_line``; ``on_line`` returning True stops the job (pruned)."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log.write(line)
+        log.flush()
+        if on_line is None or stop.reason is not None:
+            continue
+        try:
+            if on_line(line.rstrip("\n")):
+                stop.set(JobStopped("stopped early (pruned)"))
+                kill_tree(proc)
+        except Exception:  # noqa: BLE001 -- a broken observer must not break the job
+            logger.exception("log observer failed")
 
 
 def run_command(cmd: list[str], *, cwd: Path, env: Mapping[str, str], log_path: Path,
                 on_line: OnLine | None = None, control: JobControl | None = None,
                 timeout_s: float | None = None) -> int:
-    """Run ``cmd``, teeing stdout+stderr line by line to ``log_path`` and ``on_line``.
+    """Run ``cmd`` (under the job guard, above), teeing stdout+stderr line by line to ``log_path`` and ``on_line``.
 
-    ``on_line`` returning True kills the process (``JobStopped``); so do ``control.stop()`` and ``timeout_s``.
-    Returns the exit code otherwise. The child stays in the engine's process group, so killing the engine's group
-    kills its jobs too.
+    ``on_line`` returning True kills the job (:class:`JobStopped`, "pruned"); so does ``control.stop()``, and
+    ``timeout_s`` (:class:`MaxRuntimeExceeded`). A job killed while ``control`` is stopped is stopped, whatever its
+    exit status. Otherwise returns the job's own exit status: ``Popen.returncode``, negative for a signal.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    stop_reason: list[str] = []
+    stop = _Stop()
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
-        try:
-            proc = subprocess.Popen(cmd, cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, bufsize=1, errors="replace")
-        except OSError as exc:
-            raise JobError(f"cannot start {cmd[0]}: {exc}") from exc
+        proc = _spawn(cmd, cwd, env)
         if control is not None:
             control.register(proc)
         done = threading.Event()
-
-        def watchdog() -> None:
-            deadline = time.monotonic() + timeout_s if timeout_s else None
-            while not done.wait(0.2):
-                if control is not None and control.stopped:
-                    stop_reason.append("stopped on request")
-                    kill_tree(proc.pid)
-                    return
-                if deadline is not None and time.monotonic() > deadline:
-                    stop_reason.append(f"MaxRuntimeInSeconds ({timeout_s:.0f}s) exceeded")
-                    kill_tree(proc.pid)
-                    return
-
-        watcher = threading.Thread(target=watchdog, daemon=True)
-        watcher.start()
+        threading.Thread(target=_watchdog, args=(proc, done, stop, control, timeout_s), daemon=True).start()
         try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                if on_line is not None and not stop_reason:
-                    try:
-                        if on_line(line.rstrip("\n")):
-                            stop_reason.append("stopped early (pruned)")
-                            kill_tree(proc.pid)
-                    except Exception:  # noqa: BLE001 -- a broken observer must not break the job
-                        logger.exception("log observer failed")
+            _pump(proc, log, on_line, stop)
             code = proc.wait()
         finally:
             done.set()
             if control is not None:
                 control.unregister(proc)
-            if proc.poll() is None:
-                kill_tree(proc.pid)
-        if stop_reason:
-            log.write(f"[engine] job {stop_reason[0]}\n")
-            raise JobStopped(stop_reason[0])
-        log.write(f"[engine] exit code {code}\n")
+            kill_tree(proc)  # what the job left in its group, also after a normal exit
+        if stop.reason is None and control is not None and control.stopped and code != 0:
+            stop.set(JobStopped("stopped on request"))
+        if stop.reason is not None:
+            log.write(f"[engine] job {stop.reason} ({describe_exit(code)})\n")
+            raise stop.reason
+        log.write(f"[engine] {describe_exit(code)}\n")
     return code
 
 
@@ -256,7 +512,7 @@ def _failure_message(job_dir: Path, log_path: Path, code: int) -> str:
         lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()
                  and not ln.startswith("[engine]")]
         tail = " | ".join(lines[-3:])
-    return f"AlgorithmError: exit code {code}: {tail}"[-2000:]
+    return f"AlgorithmError: {describe_exit(code)}: {tail}"[-2000:]
 
 
 def _arn(kind: str, name: str) -> str:
@@ -449,6 +705,7 @@ def training_failure_reason(job_dir: Path, log_path: Path, code: int) -> str:
 
     The toolkit writes ``output/failure`` (``ExecuteUserScriptError:\\nExitCode ...`` when the script fails); when it
     could not (killed, crashed at start) the last log lines stand in.
+    A toolkit killed by a signal ends with ``killed by SIGKILL`` (the signal's name) instead of the exit code.
     """
     failure = Path(job_dir) / "output" / "failure"
     text = failure.read_text(errors="replace").strip() if failure.is_file() else ""
@@ -456,7 +713,8 @@ def training_failure_reason(job_dir: Path, log_path: Path, code: int) -> str:
         lines = [ln for ln in log_path.read_text(errors="replace").splitlines()
                  if ln.strip() and not ln.startswith("[engine]")]
         text = " | ".join(lines[-3:])
-    return f"AlgorithmError: {text[:FAILURE_FILE_CHARS]}, exit code: {code}"
+    ending = f"exit code: {code}" if code >= 0 else describe_exit(code)  # killed by a signal: named
+    return f"AlgorithmError: {text[:FAILURE_FILE_CHARS]}, {ending}"
 
 
 def _upload_outputs(request: Mapping[str, Any], job_name: str, layout: _Layout, hyperparameters: Mapping[str, str],

@@ -8,15 +8,22 @@ the SageMaker API (``CreateModelPackage`` exactly as the pipeline definition's R
 
 The evaluation report that ``ModelMetrics.ModelQuality.Statistics.S3Uri`` points at is read from the local
 artifact store at registration time and kept with the package, so ``models describe`` can show its accuracy.
+
+``CreateModelPackage`` honours ``ClientToken`` (the operation's idempotency token in botocore's model): a token seen
+before with the same request returns the package it created, the same token with a different request raises
+:class:`IdempotentParameterMismatch` (``ConflictException`` through the local client). The token and the package are
+committed in one transaction, so a caller killed right after the commit gets the same package when it retries.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import sqlite3
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -59,7 +66,16 @@ SCHEMA = (
         last_modified_time REAL NOT NULL,
         UNIQUE (group_name, version)
     )""",
+    """CREATE TABLE IF NOT EXISTS model_package_client_tokens (
+        token TEXT PRIMARY KEY,
+        request_digest TEXT NOT NULL,
+        arn TEXT NOT NULL,
+        creation_time REAL NOT NULL
+    )""",
 )
+
+#: Namespace of the deterministic ClientTokens the engine derives (uuid5: 36 characters, ``[a-zA-Z0-9-]+``).
+CLIENT_TOKEN_NAMESPACE = uuid.UUID("5b0f7c1e-2f4d-4b8e-9a61-6c1f2e7d9a30")
 
 
 class RegistryError(Exception):
@@ -72,6 +88,13 @@ class RegistryValidationError(RegistryError, ValueError):
 
 class ResourceNotFound(RegistryError, LookupError):
     """The named model package or group does not exist."""
+
+
+class IdempotentParameterMismatch(RegistryError):
+    """A ``ClientToken`` reused with a different request (the local client reports it as ``ConflictException``,
+    the error botocore's model declares for ``CreateModelPackage``)."""
+
+    code = "ConflictException"
 
 
 @cache
@@ -326,7 +349,12 @@ def create_model_package(request: dict[str, Any], *, create_group: bool = True) 
     metrics = request.get("ModelMetrics")
     evaluation = _read_evaluation(metrics)
     now = time.time()
+    token = request.get("ClientToken")
     with _db(write=True) as conn:
+        if token:
+            replayed = _replayed_package(conn, token, request)
+            if replayed is not None:
+                return {"ModelPackageArn": replayed}
         row = conn.execute("SELECT name FROM model_package_groups WHERE name = ?", (group,)).fetchone()
         if row is None:
             if not create_group:
@@ -344,8 +372,45 @@ def create_model_package(request: dict[str, Any], *, create_group: bool = True) 
              json.dumps(evaluation) if evaluation is not None else None,
              json.dumps(request.get("CustomerMetadataProperties") or {}), json.dumps(request, default=str), now, now),
         )
-    logger.info("registered %s (%s)", arn, approval)
+        if token:
+            conn.execute("INSERT INTO model_package_client_tokens (token, request_digest, arn, creation_time)"
+                         " VALUES (?,?,?,?)", (token, request_digest(request), arn, now))
+    logger.info("registered %s (%s)%s", arn, approval, f" with ClientToken {token}" if token else "")
     return {"ModelPackageArn": arn}
+
+
+def client_token(*parts: str) -> str:
+    """A deterministic ``ClientToken`` for ``parts`` (e.g. the execution ARN and the step name): the same caller
+    identity always sends the same token, so a retried request is recognised as the same request."""
+    return str(uuid.uuid5(CLIENT_TOKEN_NAMESPACE, "\x1f".join(parts)))
+
+
+def request_digest(request: dict[str, Any]) -> str:
+    """sha256 of a request without its ``ClientToken`` (canonical JSON): what "the same request" means."""
+    body = {k: v for k, v in request.items() if k != "ClientToken"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def package_for_token(token: str) -> str | None:
+    """The ARN of the package a ``ClientToken`` created, ``None`` if the token is new."""
+    with _db() as conn:
+        row = conn.execute("SELECT arn FROM model_package_client_tokens WHERE token = ?", (token,)).fetchone()
+    return row["arn"] if row else None
+
+
+def _replayed_package(conn: sqlite3.Connection, token: str, request: dict[str, Any]) -> str | None:
+    """The package an earlier request with ``token`` created (same request), ``None`` for a new token; raises
+    :class:`IdempotentParameterMismatch` when the token came with a different request."""
+    row = conn.execute("SELECT request_digest, arn FROM model_package_client_tokens WHERE token = ?",
+                       (token,)).fetchone()
+    if row is None:
+        return None
+    if row["request_digest"] != request_digest(request):
+        raise IdempotentParameterMismatch(
+            f"IdempotentParameterMismatch: ClientToken {token} was already used with a different "
+            f"CreateModelPackage request (it created {row['arn']}); use a new token for a new request")
+    logger.info("CreateModelPackage with ClientToken %s already created %s; returning it", token, row["arn"])
+    return str(row["arn"])
 
 
 def _read_evaluation(metrics: dict[str, Any] | None) -> dict[str, Any] | None:

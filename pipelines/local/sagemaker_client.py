@@ -11,6 +11,14 @@ in SQLite tables owned here (``sm_models``, ``sm_endpoint_configs``, ``sm_endpoi
 once the local server is up (or has failed), so ``describe_endpoint`` afterwards shows ``InService``, or ``Failed``
 with a ``FailureReason``. A failed update leaves the endpoint ``InService`` on its previous configuration with the
 ``FailureReason`` set, as SageMaker's rollback does.
+
+A deploy is recorded before it starts (``sm_endpoint_operations``: the target config and the pid of the deploying
+process, written in the same transaction as the ``Creating``/``Updating`` status). An endpoint left ``Creating`` or
+``Updating`` by a process that died (kill -9, a crash) is reconciled on the next ``DescribeEndpoint``,
+``ListEndpoints``, ``CreateEndpoint`` or ``UpdateEndpoint``: ``InService`` with the target config if its server came
+up with it before the process died, ``InService`` on the previous config (with a ``FailureReason``) if an update was
+cut short while the old server kept serving, otherwise ``Failed`` with a ``FailureReason`` saying the deploy was
+interrupted -- so the deploy function sees the truth and recreates it, as it does with any ``Failed`` endpoint.
 """
 
 from __future__ import annotations
@@ -19,12 +27,15 @@ import base64
 import contextlib
 import json
 import logging
+import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
+import psutil
 from botocore.exceptions import ClientError
 from botocore.utils import parse_timestamp
 
@@ -45,9 +56,19 @@ SCHEMA = (
         deployed_at REAL)""",
     """CREATE TABLE IF NOT EXISTS sm_tags (
         resource_arn TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (resource_arn, key))""",
+    """CREATE TABLE IF NOT EXISTS sm_endpoint_operations (
+        name TEXT PRIMARY KEY, operation TEXT NOT NULL, config_name TEXT NOT NULL, pid INTEGER NOT NULL,
+        pid_create_time REAL, started_at REAL NOT NULL)""",
 )
 
 IN_PROGRESS = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting")
+RECONCILED = ("Creating", "Updating")  # the states a local deploy leaves behind when its process dies
+SERVING_POLL_S = 0.5
+
+# Endpoints this process is deploying right now (any thread): a recorded pid equal to ours is a live deploy only then.
+_ACTIVE: set[str] = set()
+_ACTIVE_LOCK = threading.Lock()
+
 DEFAULT_PAGE_SIZE = {"ListModelPackages": 100, "ListModelPackageGroups": 100, "ListEndpoints": 10, "ListTags": 50}
 
 
@@ -108,6 +129,66 @@ def _sort(items: list[dict[str, Any]], params: dict[str, Any], default_order: st
     return sorted(items, key=keys[by], reverse=order == "Descending")
 
 
+def _process_identity() -> tuple[int, float | None]:
+    """This process's pid and start time (the pair that tells a live deployer from a recycled pid)."""
+    try:
+        return os.getpid(), psutil.Process().create_time()
+    except psutil.Error:
+        return os.getpid(), None
+
+
+def _record_operation(conn: Any, name: str, operation: str, config_name: str, started_at: float) -> None:
+    """Record who deploys ``config_name`` to ``name`` (in the transaction that sets the in-progress status)."""
+    pid, created = _process_identity()
+    conn.execute("INSERT OR REPLACE INTO sm_endpoint_operations (name, operation, config_name, pid, pid_create_time,"
+                 " started_at) VALUES (?,?,?,?,?,?)", (name, operation, config_name, pid, created, started_at))
+
+
+def _deployer_alive(op: dict[str, Any]) -> bool:
+    """Whether the process recorded on a deploy is still running it (not dead, not a recycled pid)."""
+    pid, created = op["pid"], op["pid_create_time"]
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if created is not None and abs(proc.create_time() - created) > 1.0:
+            return False
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:
+        return True  # somebody else's live process: assume it is deploying
+    if pid == os.getpid():
+        with _ACTIVE_LOCK:
+            return op["name"] in _ACTIVE
+    return True
+
+
+def _server(name: str) -> endpoints.LocalEndpoint | None:
+    try:
+        return endpoints.get(name)
+    except (endpoints.EndpointNotFound, ValueError):
+        return None
+
+
+def _interrupted_outcome(row: dict[str, Any], op: dict[str, Any] | None) -> tuple[str, str, str | None]:
+    """(status, config, FailureReason) for an endpoint whose deploy's process is gone, from what its server does."""
+    name, target = row["name"], (op["config_name"] if op else row["config_name"])
+    who = f"the process deploying it (pid {op['pid']}) is gone" if op else "no process is deploying it"
+    server = _server(name)
+    alive = server is not None and server.alive
+    if alive and op is not None and server.deployed_at >= op["started_at"]:  # type: ignore[union-attr]
+        return "InService", target, None  # the server came up with the target; only the record was lost
+    if alive and row["status"] == "Updating":
+        return "InService", row["config_name"], (
+            f"The update to endpoint configuration {target!r} was interrupted ({who}); the endpoint keeps serving "
+            f"{row['config_name']!r}.")
+    action = "creation" if row["status"] == "Creating" else "update"
+    return "Failed", row["config_name"], (
+        f"The {action} of endpoint {name!r} with configuration {target!r} was interrupted: {who} and no server is "
+        f"running. The deploy function recreates a Failed endpoint on its next run; `endpoints restart {name}` "
+        "starts this configuration again.")
+
+
 class LocalSageMakerClient:
     """A local stand-in for ``boto3.client("sagemaker")`` (the methods of docs/CONTRACTS.md §8 and a few more)."""
 
@@ -131,6 +212,8 @@ class LocalSageMakerClient:
     def _registry_errors(operation: str) -> Iterator[None]:
         try:
             yield
+        except registry.IdempotentParameterMismatch as exc:
+            raise _client_error(operation, str(exc), code=exc.code) from exc
         except (registry.RegistryValidationError, registry.ResourceNotFound) as exc:
             raise _client_error(operation, str(exc)) from exc
 
@@ -332,12 +415,14 @@ class LocalSageMakerClient:
         name, config_name = params["EndpointName"], params["EndpointConfigName"]
         arn = endpoint_arn(name)
         self._config(config_name, "CreateEndpoint")
+        self._reconcile(name)
         now = time.time()
         with self._db(write=True) as conn:
             if conn.execute("SELECT 1 FROM sm_endpoints WHERE name = ?", (name,)).fetchone():
                 raise _client_error("CreateEndpoint", f'Cannot create already existing endpoint "{arn}".')
             conn.execute("INSERT INTO sm_endpoints (name, arn, config_name, status, creation_time, last_modified_time)"
                          " VALUES (?,?,?,?,?,?)", (name, arn, config_name, "Creating", now, now))
+            _record_operation(conn, name, "Create", config_name, now)
             self._store_tags(conn, arn, params.get("Tags"))
         self._deploy(name, config_name, creating=True)
         return _response({"EndpointArn": arn})
@@ -347,14 +432,20 @@ class LocalSageMakerClient:
         name, config_name = params["EndpointName"], params["EndpointConfigName"]
         arn = endpoint_arn(name)
         self._config(config_name, "UpdateEndpoint")
+        self._reconcile(name)
         with self._db(write=True) as conn:
             row = conn.execute("SELECT status FROM sm_endpoints WHERE name = ?", (name,)).fetchone()
             if row is None:
                 raise _client_error("UpdateEndpoint", f'Could not find endpoint "{arn}".')
             if row["status"] in IN_PROGRESS:
                 raise _client_error("UpdateEndpoint", f'Cannot update in-progress endpoint "{arn}".')
+            if row["status"] == "Failed":
+                raise _client_error("UpdateEndpoint", f'Cannot update failed endpoint "{arn}". DeleteEndpoint is the '
+                                    "only operation that can be performed on a failed endpoint.")
+            now = time.time()
             conn.execute("UPDATE sm_endpoints SET status = 'Updating', last_modified_time = ? WHERE name = ?",
-                         (time.time(), name))
+                         (now, name))
+            _record_operation(conn, name, "Update", config_name, now)
         self._deploy(name, config_name, creating=False)
         return _response({"EndpointArn": arn})
 
@@ -391,6 +482,17 @@ class LocalSageMakerClient:
         return container
 
     def _deploy(self, name: str, config_name: str, *, creating: bool) -> None:
+        """Deploy ``config_name`` to the local server of ``name`` and record the outcome (this process is the
+        deployer meanwhile: see :func:`_deployer_alive`)."""
+        with _ACTIVE_LOCK:
+            _ACTIVE.add(name)
+        try:
+            self._run_deploy(name, config_name, creating=creating)
+        finally:
+            with _ACTIVE_LOCK:
+                _ACTIVE.discard(name)
+
+    def _run_deploy(self, name: str, config_name: str, *, creating: bool) -> None:
         try:
             container = self._resolve_container(config_name)
             deployment = endpoints.materialize(name, container)
@@ -406,16 +508,19 @@ class LocalSageMakerClient:
                 else:  # SageMaker rolls a failed update back: the old configuration keeps serving
                     conn.execute("UPDATE sm_endpoints SET status = 'InService', failure_reason = ?,"
                                  " last_modified_time = ? WHERE name = ?", (reason, time.time(), name))
+                conn.execute("DELETE FROM sm_endpoint_operations WHERE name = ?", (name,))
             return
         now = time.time()
         with self._db(write=True) as conn:
             conn.execute("UPDATE sm_endpoints SET status = 'InService', config_name = ?, failure_reason = NULL,"
                          " last_modified_time = ?, deployed_at = ? WHERE name = ?", (config_name, now, now, name))
+            conn.execute("DELETE FROM sm_endpoint_operations WHERE name = ?", (name,))
         logger.info("endpoint %s is InService with %s", name, config_name)
 
     def describe_endpoint(self, **params: Any) -> dict[str, Any]:
         self._validate("DescribeEndpoint", params)
         name = params["EndpointName"]
+        self._reconcile(name)
         row = self._get("sm_endpoints", name)
         if row is None:
             raise _client_error("DescribeEndpoint", f'Could not find endpoint "{endpoint_arn(name)}".')
@@ -450,6 +555,10 @@ class LocalSageMakerClient:
         out["EndpointStatus"] = row["status"]
         if row["failure_reason"]:
             out["FailureReason"] = row["failure_reason"]
+        operation = self._get("sm_endpoint_operations", name) if row["status"] == "Updating" else None
+        if operation:  # as SageMaker shows an update's target while the old fleet still serves
+            out["PendingDeploymentSummary"] = {"EndpointConfigName": operation["config_name"],
+                                               "StartTime": to_datetime(operation["started_at"])}
         out["CreationTime"] = to_datetime(row["creation_time"])
         out["LastModifiedTime"] = to_datetime(row["last_modified_time"])
         return _response(out)
@@ -469,6 +578,11 @@ class LocalSageMakerClient:
 
     def list_endpoints(self, **params: Any) -> dict[str, Any]:
         self._validate("ListEndpoints", params)
+        with self._db() as conn:
+            unsettled = [r["name"] for r in conn.execute("SELECT name FROM sm_endpoints WHERE status IN (?, ?)",
+                                                         RECONCILED).fetchall()]
+        for name in unsettled:
+            self._reconcile(name)
         with self._db() as conn:
             rows = [dict(r) for r in conn.execute("SELECT * FROM sm_endpoints").fetchall()]
         items = [{"EndpointName": r["name"], "EndpointArn": r["arn"], "CreationTime": to_datetime(r["creation_time"]),
@@ -499,17 +613,99 @@ class LocalSageMakerClient:
         endpoints.delete(name)
         with self._db(write=True) as conn:
             conn.execute("DELETE FROM sm_endpoints WHERE name = ?", (name,))
+            conn.execute("DELETE FROM sm_endpoint_operations WHERE name = ?", (name,))
             conn.execute("DELETE FROM sm_tags WHERE resource_arn = ?", (arn,))
         logger.info("deleted endpoint %s", name)
         return _response({})
 
     def redeploy_endpoint(self, endpoint_name: str) -> dict[str, Any]:
         """Local-only: deploy an endpoint's current configuration again (restarts a server that died)."""
-        row = self._get("sm_endpoints", endpoint_name)
-        if row is None:
-            raise _client_error("DescribeEndpoint", f'Could not find endpoint "{endpoint_arn(endpoint_name)}".')
+        self._reconcile(endpoint_name)
+        arn = endpoint_arn(endpoint_name)
+        with self._db(write=True) as conn:
+            row = conn.execute("SELECT * FROM sm_endpoints WHERE name = ?", (endpoint_name,)).fetchone()
+            if row is None:
+                raise _client_error("DescribeEndpoint", f'Could not find endpoint "{arn}".')
+            if row["status"] in IN_PROGRESS:
+                raise _client_error("UpdateEndpoint", f'Cannot restart in-progress endpoint "{arn}".')
+            _record_operation(conn, endpoint_name, "Restart", row["config_name"], time.time())
         self._deploy(endpoint_name, row["config_name"], creating=row["status"] == "Failed")
         return self.describe_endpoint(EndpointName=endpoint_name)
+
+    def _reconcile(self, name: str) -> None:
+        """Settle an endpoint left ``Creating``/``Updating`` by a deploy whose process is gone (module docstring)."""
+        row = self._get("sm_endpoints", name)
+        if row is None or row["status"] not in RECONCILED:
+            return
+        operation = self._get("sm_endpoint_operations", name)
+        if operation is not None and _deployer_alive(operation):
+            return  # a deploy is really in progress
+        status, config_name, reason = _interrupted_outcome(row, operation)
+        with self._db(write=True) as conn:
+            current = conn.execute("SELECT status, last_modified_time FROM sm_endpoints WHERE name = ?",
+                                   (name,)).fetchone()
+            if current is None or tuple(current) != (row["status"], row["last_modified_time"]):
+                return  # settled (or moved on) meanwhile
+            now = time.time()
+            conn.execute("UPDATE sm_endpoints SET status = ?, config_name = ?, failure_reason = ?, last_modified_time"
+                         " = ?, deployed_at = CASE WHEN ? THEN ? ELSE deployed_at END WHERE name = ?",
+                         (status, config_name, reason, now, reason is None, now, name))
+            conn.execute("DELETE FROM sm_endpoint_operations WHERE name = ?", (name,))
+        logger.warning("endpoint %s was %s with nobody deploying it: now %s%s", name, row["status"], status,
+                       f" ({reason})" if reason else f" with {config_name} (its server came up before the deploy "
+                       "was cut short)")
+
+    def package_of_config(self, config_name: str | None) -> str | None:
+        """Local-only: the model package ARN the served variant of an endpoint config deploys, if any."""
+        if not config_name:
+            return None
+        try:
+            variant = self._served_variant(config_name)
+        except ClientError:
+            return None
+        row = self._get("sm_models", variant["ModelName"])
+        if row is None:
+            return None
+        request = json.loads(row["request"])
+        container = request.get("PrimaryContainer") or (request.get("Containers") or [{}])[0]
+        return container.get("ModelPackageName")
+
+    def _settled(self, endpoint_name: str, timeout: float | None) -> dict[str, Any]:
+        """``DescribeEndpoint`` once no deploy is in progress (another process's), or at the deadline."""
+        deadline = time.monotonic() + (self.startup_timeout + 30 if timeout is None else timeout)
+        while True:
+            described = self.describe_endpoint(EndpointName=endpoint_name)
+            if described["EndpointStatus"] not in IN_PROGRESS or time.monotonic() > deadline:
+                return described
+            time.sleep(SERVING_POLL_S)
+
+    def serving_problem(self, endpoint_name: str, package_arn: str | None, *, heal: bool = True,
+                        timeout: float | None = None) -> str | None:
+        """Local-only: why ``endpoint_name`` is not serving ``package_arn`` from a live server; ``None`` when it is.
+
+        Waits for a deploy another process is running. With ``heal``, an ``InService`` endpoint whose server died
+        gets its server restarted on the same configuration, as SageMaker replaces a failed instance by itself.
+        """
+        described = self._settled(endpoint_name, timeout)
+        status, reason = described["EndpointStatus"], described.get("FailureReason")
+        if status != "InService":
+            return f"endpoint {endpoint_name!r} is {status}: {reason or 'no reason given'}"
+        serving = self.package_of_config(described["EndpointConfigName"])
+        if package_arn and serving != package_arn:
+            return (f"endpoint {endpoint_name!r} serves {serving or 'an unknown model'}, not {package_arn}"
+                    + (f" ({reason})" if reason else ""))
+        server = _server(endpoint_name)
+        if server is not None and server.alive:
+            return None
+        gone = f"the server of endpoint {endpoint_name!r} is not running"
+        if not heal:
+            return gone
+        logger.warning("%s; starting it again with %s", gone, described["EndpointConfigName"])
+        described = self.redeploy_endpoint(endpoint_name)
+        server = _server(endpoint_name)
+        if server is not None and server.alive:
+            return None
+        return f"{gone} and restarting it failed: {described.get('FailureReason') or 'no reason given'}"
 
     # --------------------------------------------------------------------------------------------------- tags
 

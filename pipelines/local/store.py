@@ -17,11 +17,17 @@ import contextlib
 import os
 import shutil
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from pipelines import arns
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no cross-process lock (one engine per MLOPS_HOME there)
+    fcntl = None  # type: ignore[assignment]
 
 LOCAL_BUCKET = "mlops-local"
 LOCAL_REGION = "us-east-1"
@@ -44,13 +50,41 @@ def runs_dir() -> Path:
     return path
 
 
+#: SQLite's busy timeout everywhere we open a database (seconds): a writer waits that long for another's lock.
+SQLITE_TIMEOUT_S = 30.0
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``fcntl`` lock on ``path`` (created if missing): serializes processes of this host."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def connect(schema: Iterable[str] = ()) -> sqlite3.Connection:
-    """Open the engine's SQLite database (WAL, busy timeout, ``Row`` rows) and apply ``schema`` statements."""
-    conn = sqlite3.connect(mlops_home() / "mlops.db", timeout=30, isolation_level=None, check_same_thread=False)
+    """Open the engine's SQLite database (WAL, busy timeout, ``Row`` rows) and apply ``schema`` statements.
+
+    A fresh database is switched to WAL under a file lock (``mlops.db.lock``): that switch does not wait for other
+    connections' locks, so engines starting together on a fresh ``MLOPS_HOME`` would race there. Everything else
+    (the schema's ``CREATE ... IF NOT EXISTS`` included) waits up to the busy timeout for SQLite's own locks. The file
+    lock is never taken once the database is in WAL mode, so no process waits for it while holding a transaction.
+    """
+    home = mlops_home()
+    conn = sqlite3.connect(home / "mlops.db", timeout=SQLITE_TIMEOUT_S, isolation_level=None,
+                           check_same_thread=False)
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute(f"PRAGMA busy_timeout={int(SQLITE_TIMEOUT_S * 1000)}")
     conn.execute("PRAGMA foreign_keys=ON")
+    if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+        with file_lock(home / "mlops.db.lock"):
+            conn.execute("PRAGMA journal_mode=WAL")
     for statement in schema:
         conn.execute(statement)
     return conn
@@ -109,7 +143,7 @@ class ArtifactStore:
     def put_bytes(self, uri: str, data: bytes) -> Path:
         target = self.path(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # writers never collide
         tmp.write_bytes(data)
         tmp.replace(target)
         return target

@@ -10,6 +10,8 @@ A resolved CreateHyperParameterTuningJob request becomes an Optuna study (stored
 - the objective metric is read with the definition's own ``MetricDefinitions`` regex from each trial's live log; every
   value is reported to the trial (one step per value, i.e. per epoch) and a pruned trial's process is killed;
 - ``MaxNumberOfTrainingJobs`` and ``MaxParallelTrainingJobs`` are honoured (parallel trials run in threads);
+- each trial is a training job with the definition's ``StoppingCondition``: one that reaches its
+  ``MaxRuntimeInSeconds`` is ``Stopped`` with the reason ``MaxRuntimeExceeded: ...`` (a pruned trial for Optuna);
 - ranges keep SageMaker's semantics: Continuous/Integer with ``ScalingType`` (Logarithmic -> log scale,
   ReverseLogarithmic, Auto/Linear -> linear), Categorical values passed verbatim as the hyperparameter string.
 
@@ -24,6 +26,7 @@ import logging
 import math
 import os
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -36,7 +39,7 @@ import optuna
 
 from pipelines.local import jobs
 from pipelines.local.executions import ExecutionStore
-from pipelines.local.store import ArtifactStore, mlops_home
+from pipelines.local.store import SQLITE_TIMEOUT_S, ArtifactStore, file_lock, mlops_home
 
 logger = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -128,8 +131,23 @@ def make_sampler_and_pruner(config: Mapping[str, Any], ranges: list[Range], seed
 
 
 def optuna_storage() -> optuna.storages.RDBStorage:
-    return optuna.storages.RDBStorage(f"sqlite:///{mlops_home() / 'optuna.db'}",
-                                      engine_kwargs={"connect_args": {"timeout": 30}})
+    """Optuna's storage, ``$MLOPS_HOME/optuna.db`` (SQLite), safe to open from several engines at once.
+
+    ``RDBStorage`` creates its tables and inserts its version row when it opens a database; two processes doing
+    that together on a fresh ``MLOPS_HOME`` fail with ``IntegrityError``. So opening is serialized by a file lock
+    (``optuna.db.lock``), and the database is switched to WAL under it; every connection then waits for locks up to
+    :data:`~pipelines.local.store.SQLITE_TIMEOUT_S` (SQLite's busy timeout) instead of failing.
+    """
+    home = mlops_home()
+    path = home / "optuna.db"
+    with file_lock(home / "optuna.db.lock"):
+        conn = sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+        finally:
+            conn.close()
+        return optuna.storages.RDBStorage(f"sqlite:///{path}",
+                                          engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}})
 
 
 def _objective_regex(definition: Mapping[str, Any], metric_name: str) -> re.Pattern[str]:
