@@ -91,18 +91,25 @@ def connect(schema: Iterable[str] = ()) -> sqlite3.Connection:
 
 
 @contextlib.contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """An immediate (write-locking) transaction on ``conn``: committed at the end, rolled back on error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+@contextlib.contextmanager
 def transaction(schema: Iterable[str] = (), write: bool = False) -> Iterator[sqlite3.Connection]:
     """A connection for one unit of work; with ``write`` an immediate transaction, rolled back on error."""
     conn = connect(schema)
     try:
         if write:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(conn):
                 yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
         else:
             yield conn
     finally:

@@ -54,7 +54,7 @@ from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
 from pipelines.local.api.protocol import CHUNK, Request, Response
-from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION, ArtifactStore, connect, mlops_home
+from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION, ArtifactStore, connect, immediate, mlops_home
 
 logger = logging.getLogger(__name__)
 
@@ -328,13 +328,8 @@ def _db(write: bool = False) -> Iterator[sqlite3.Connection]:
     if not write:
         yield conn
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with immediate(conn):
         yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 @dataclass
