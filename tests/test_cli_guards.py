@@ -108,3 +108,19 @@ def test_gc_removes_old_finished_runs_only(home, capsys):
     assert run.main(["gc", "--retention-days", "0", "--keep-last", "0"]) == 0
     assert "removed 1 run directory" in capsys.readouterr().out  # `recent`; the running one stays
     assert [p.name for p in (home / "runs").iterdir()] == [running]
+
+
+@pytest.mark.fast
+def test_endpoint_server_log_is_rotated_at_restart(tmp_path):
+    from pipelines.local.endpoints import rotate_log
+
+    log = tmp_path / "server.log"
+    for generation in range(5):
+        log.write_bytes(str(generation).encode() * 100)
+        rotate_log(log, max_bytes=50, keep=3)
+        assert not log.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["server.log.1", "server.log.2", "server.log.3"]
+    assert (tmp_path / "server.log.1").read_bytes()[:1] == b"4" and (tmp_path / "server.log.3").read_bytes()[:1] == b"2"
+    log.write_bytes(b"small")
+    rotate_log(log, max_bytes=50, keep=3)
+    assert log.read_bytes() == b"small"

@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_STARTUP_TIMEOUT_S = 180.0
 KEEP_MODEL_DIRS = 2  # the serving model and the one before it
+LOG_MAX_BYTES = 10 * 1024 * 1024  # server.log is rotated at (re)start above this size
+LOG_KEEP = 3
 STOP_GRACE_S = 5.0  # after the server's drain deadline, before SIGKILL
 _NAME_RE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 
@@ -241,6 +243,24 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def rotate_log(path: Path, max_bytes: int = LOG_MAX_BYTES, keep: int = LOG_KEEP) -> None:
+    """Before a server (re)starts: move a log above ``max_bytes`` to ``.1`` (older ones to ``.2``...), keep ``keep``."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return
+    except FileNotFoundError:
+        return
+    for index in range(keep, 0, -1):
+        older = path.with_name(f"{path.name}.{index}")
+        if index == keep:
+            older.unlink(missing_ok=True)
+        else:
+            newer = path.with_name(f"{path.name}.{index + 1}")
+            if older.exists():
+                older.replace(newer)
+    path.replace(path.with_name(f"{path.name}.1"))
+
+
 def _port_free_soon(port: int, wait_s: float = 2.0) -> bool:
     """Whether ``port`` is (or within ``wait_s`` becomes) free: a SIGKILLed server's listening socket is released by
     the kernel a few tens of milliseconds after the process is already reported dead."""
@@ -269,6 +289,7 @@ def _start_server(name: str, directory: Path, deployment: Deployment, port: int,
     state_path = directory / endpoint_server.STATE_FILE
     state_path.unlink(missing_ok=True)
     log_path = directory / "server.log"
+    rotate_log(log_path)
     cmd = [sys.executable, "-m", "pipelines.local.endpoint_server", "--port", str(port),
            "--model-dir", str(deployment.model_dir), "--state-dir", str(directory), "--name", name,
            "--variant", variant, "--max-body-bytes", str(max_body_bytes)]
