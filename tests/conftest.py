@@ -21,3 +21,14 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_boto3_default_session():
+    """Each test gets boto3's default session anew, as a fresh process would: botocore caches the credentials it
+    resolved first, so a test that set AWS_* variables would otherwise sign later tests' requests with them."""
+    import boto3
+
+    boto3.DEFAULT_SESSION = None
+    yield
+    boto3.DEFAULT_SESSION = None
