@@ -40,6 +40,7 @@ EXTRAS_REQUIRE = {
         "ruff>=0.6",
         "moto[s3,sagemaker,awslambda,events,iam,cloudformation]>=5.2,<6",
         "cfn-lint>=1.0",
+        "awscli==1.46.3",  # `aws` against the local service; 1.46 vendors botocore: boto3/botocore stay as they are
         "playwright>=1.45",
         # Real TorchServe (Java frontend + Python worker) for the serving-fidelity test (Java: make's `java` target).
         "torchserve==0.12.0",

@@ -2,10 +2,11 @@
 
 1. generates a small synthetic dataset (4 shape classes, plus a few corrupt/odd files the preprocessor quarantines
    or converts) into ``$MLOPS_HOME/demo-data`` -- no download needed;
-2. runs ``python -m pipelines.run start`` (the same code path, target ``local``) with parameters sized for a laptop
-   with 2 CPU cores: small images, resnet18 from scratch, 3 tuning trials, ``ModelApprovalStatus=Approved`` so the
-   pipeline's Lambda step deploys the model to a local endpoint;
-3. draws a fresh image of a known class, sends it to the endpoint's ``/invocations`` and prints the prediction.
+2. runs ``python -m pipelines.run start --wait`` (the same boto3 code as ``--target sagemaker``, against the local AWS
+   service) with parameters sized for a laptop with 2 CPU cores: small images, resnet18 from scratch, 3 tuning
+   trials, ``ModelApprovalStatus=Approved`` so the pipeline's Lambda step deploys the model to a local endpoint;
+3. waits for the endpoint (boto3's ``endpoint_in_service`` waiter), draws a fresh image of a known class, sends it
+   through the SageMaker runtime's ``InvokeEndpoint`` and prints the prediction.
 
 Use your own data with ``python -m pipelines.demo --data /path/to/dogImages`` (or run
 ``python -m pipelines.run start --param InputDataUrl=/path/to/dogImages ...`` directly).
@@ -22,6 +23,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -65,16 +67,21 @@ def prepare_data(per_class: int, size: int) -> Path:
     return target
 
 
-def ask_endpoint(endpoint_name: str, class_name: str, size: int) -> dict:
-    from pipelines.local import endpoints
-
+def ask_endpoint(runtime: Any, endpoint_name: str, class_name: str, size: int) -> dict:
+    """Send a freshly drawn JPEG of ``class_name`` through the SageMaker runtime's ``InvokeEndpoint``."""
     image = sample_data.draw_sample(class_name, size, random.Random(12345))
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=92)
-    status, body = endpoints.invoke(endpoint_name, buf.getvalue(), content_type="image/jpeg")
-    if status != 200:
-        raise RuntimeError(f"endpoint {endpoint_name} answered HTTP {status}: {body[:500]!r}")
-    return json.loads(body)
+    answer = runtime.invoke_endpoint(EndpointName=endpoint_name, Body=buf.getvalue(), ContentType="image/jpeg",
+                                     Accept="application/json")
+    return json.loads(answer["Body"].read())
+
+
+def wait_for_endpoint(sagemaker: Any, endpoint_name: str, timeout_s: float = 300.0) -> None:
+    """boto3's ``endpoint_in_service`` waiter (the deploy function answers while the endpoint is Creating)."""
+    delay = 2
+    sagemaker.get_waiter("endpoint_in_service").wait(
+        EndpointName=endpoint_name, WaiterConfig={"Delay": delay, "MaxAttempts": int(timeout_s / delay)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     for pair in args.param:
         name, _, value = pair.partition("=")
         params[name] = value
-    command = ["start"] + [x for name, value in params.items() for x in ("--param", f"{name}={value}")]
+    command = ["start", "--wait"] + [x for name, value in params.items() for x in ("--param", f"{name}={value}")]
     console.rule("python -m pipelines.run " + " ".join(command[:1]) + " (local target)")
     from pipelines import run
 
@@ -105,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"pipeline finished in {time.time() - started:.0f}s")
         return 0
     class_name = "triangle"
+    clients = run.local_clients()
+    runtime = run.local_client("sagemaker-runtime")
     try:
-        prediction = ask_endpoint(params["EndpointName"], class_name, 64)
+        wait_for_endpoint(clients.sagemaker, params["EndpointName"])
+        prediction = ask_endpoint(runtime, params["EndpointName"], class_name, 64)
     except Exception as exc:  # noqa: BLE001 -- explain and fail
         console.print(f"[red]could not query the endpoint:[/red] {exc}")
         return 1

@@ -156,3 +156,18 @@ def upload_code_bundles(bundles: CodeBundles, locations: CodeLocations,
 def project_root() -> Path:
     """The checkout this module belongs to (the directory holding ``training/``, ``steps/``, ``inference/``)."""
     return Path(__file__).resolve().parents[1]
+
+
+def deterministic_zip(members: Mapping[str, bytes]) -> bytes:
+    """A zip of ``members`` (path -> bytes) that depends on nothing but the members: sorted, fixed timestamps and
+    modes (so a Lambda's ``CodeSha256`` changes only when its code does)."""
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        for name in sorted(members):
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, members[name])
+    return out.getvalue()

@@ -8,8 +8,12 @@ Configuration: flags override the environment CodeBuild provides (``SAGEMAKER_PI
 ``ARTIFACT_BUCKET``, ``SAGEMAKER_PROJECT_NAME``, ``SAGEMAKER_PROJECT_ID``, ``SAGEMAKER_PROJECT_ARN``,
 ``AWS_REGION``); ``--param`` overrides a pipeline Parameter's default for one execution.
 
-On SageMaker the CLI uploads the content-addressed code bundles itself (``pipelines.packaging``), builds the
-definition with no AWS call, and talks to SageMaker through boto3 only.
+Both targets are one code path: the CLI uploads the content-addressed code bundles itself
+(``pipelines.packaging``), builds the definition with no AWS call, and talks to the service through boto3 only --
+SageMaker's endpoints, or (``--target local``) the local AWS service on 127.0.0.1 (:mod:`pipelines.local.api`),
+started on demand. On the local target ``upsert`` and ``start`` first create what ``infra/template.yaml`` creates on
+AWS (the bucket, the deploy Lambda, the approval rule; :mod:`pipelines.local.stack`), and ``start`` upserts the
+checked-out definition before starting it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
 # The SDK gives "sagemaker.config" a stdout handler unless it has one: keep stdout for our JSON output.
@@ -222,20 +226,6 @@ def local_settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def make_local_definition_builder(args: argparse.Namespace) -> Callable[..., str]:
-    """``build_definition(upload=None) -> str`` for the local engine; uploads into its artifact store by default."""
-    settings = local_settings(args)
-
-    def build_definition(upload: Callable[[str, bytes], None] | None = None) -> str:
-        if upload is None:
-            from pipelines.local.store import ArtifactStore
-
-            upload = ArtifactStore().put_bytes
-        return build_definition_json(settings, upload)
-
-    return build_definition
-
-
 # --- SageMaker target ------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -245,6 +235,12 @@ class AwsClients:
     sagemaker: Any
     s3: Any
     sts: Any
+    lambda_: Any = None
+    events: Any = None
+
+    #: field -> boto3 service name
+    SERVICES: ClassVar[dict[str, str]] = {"sagemaker": "sagemaker", "s3": "s3", "sts": "sts", "lambda_": "lambda",
+                                          "events": "events"}
 
     @classmethod
     def create(cls, region: str | None) -> AwsClients:
@@ -364,66 +360,116 @@ def sagemaker_upsert(clients: AwsClients, settings: Settings) -> dict[str, Any]:
 
 
 def sagemaker_wait(clients: AwsClients, arn: str, poll_seconds: float, timeout_seconds: float) -> dict[str, Any]:
+    """Poll until the execution ends; each step's status change is logged (``<step>: <status>``) on the way."""
     deadline = time.monotonic() + timeout_seconds
+    seen: dict[str, str] = {}
     while True:
         described = clients.sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)
         status = described["PipelineExecutionStatus"]
         if status in TERMINAL_STATUSES:
+            _report_steps(clients, arn, seen)
             return described
         if time.monotonic() >= deadline:
             raise UserError(f"execution {arn} still {status} after {timeout_seconds:.0f} s")
-        logger.info("execution %s: %s", arn.rsplit("/", 1)[-1], status)
+        _report_steps(clients, arn, seen)
         time.sleep(poll_seconds)
 
 
-def run_sagemaker(args: argparse.Namespace, clients: AwsClients | None = None) -> int:
-    settings = resolve_settings(args)
+def _report_steps(clients: AwsClients, arn: str, seen: dict[str, str]) -> None:
+    for step in _list_steps(clients, arn):
+        name, status = step["StepName"], step.get("StepStatus", "")
+        if seen.get(name) != status:
+            seen[name] = status
+            reason = f": {step['FailureReason']}" if step.get("FailureReason") else ""
+            cached = " (cache hit)" if step.get("CacheHitResult") else ""
+            print(f"{time.strftime('%H:%M:%S')} {name}: {status}{cached}{reason}", file=sys.stderr, flush=True)
+
+
+def _start(clients: AwsClients, settings: Settings, args: argparse.Namespace) -> int:
+    if getattr(args, "start_no_cache", False):
+        raise UserError("start --no-cache is for the local engine; on SageMaker, upsert a definition built "
+                        "without caching (the global flag: --no-cache upsert)")
+    request: dict[str, Any] = {"PipelineName": settings.pipeline_name, "ClientRequestToken": str(uuid.uuid4()),
+                               "PipelineParameters": args.parameters}
+    if args.display_name:
+        request["PipelineExecutionDisplayName"] = args.display_name
+    arn = clients.sagemaker.start_pipeline_execution(**request)["PipelineExecutionArn"]
+    print(arn, flush=True)
+    return _wait_and_report(clients, arn, args) if args.wait else 0
+
+
+def _wait_and_report(clients: AwsClients, arn: str, args: argparse.Namespace) -> int:
+    poll = args.poll_seconds if args.poll_seconds is not None else (1.0 if args.target == "local" else 30.0)
+    described = sagemaker_wait(clients, arn, poll, args.timeout_seconds)
+    _print({"PipelineExecutionArn": arn, "PipelineExecutionStatus": described["PipelineExecutionStatus"],
+            "FailureReason": described.get("FailureReason")})
+    return 0 if described["PipelineExecutionStatus"] == "Succeeded" else 1
+
+
+def _status(clients: AwsClients, settings: Settings, args: argparse.Namespace) -> int:
+    arn = _execution_arn(clients, settings, args.execution)
+    described = clients.sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)
+    steps = _list_steps(clients, arn)
+    _print({"PipelineExecutionArn": arn, "PipelineExecutionStatus": described["PipelineExecutionStatus"],
+            "Steps": {s["StepName"]: s.get("StepStatus") for s in steps}})
+    return 0
+
+
+def _describe(clients: AwsClients, settings: Settings, args: argparse.Namespace) -> int:
+    from pipelines import views
+
+    arn = _execution_arn(clients, settings, args.execution)
+    described = clients.sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)
+    described.pop("ResponseMetadata", None)
+    steps = _list_steps(clients, arn)
+    if args.output == "json":
+        _print({**described, "Steps": steps})
+    else:
+        views.render_execution(clients.sagemaker, described, steps)
+    return 0
+
+
+def _list_executions(clients: AwsClients, settings: Settings, args: argparse.Namespace) -> int:
+    page = clients.sagemaker.list_pipeline_executions(PipelineName=settings.pipeline_name, SortBy="CreationTime",
+                                                      SortOrder="Descending", MaxResults=args.max_results)
+    _print(page.get("PipelineExecutionSummaries", []))
+    return 0
+
+
+def _retry(clients: AwsClients, settings: Settings, args: argparse.Namespace) -> int:
+    arn = _execution_arn(clients, settings, args.execution)
+    _print(clients.sagemaker.retry_pipeline_execution(PipelineExecutionArn=arn, ClientRequestToken=str(uuid.uuid4())))
+    return _wait_and_report(clients, arn, args) if args.wait else 0
+
+
+def _stop(clients: AwsClients, settings: Settings, args: argparse.Namespace) -> int:
+    arn = _execution_arn(clients, settings, args.execution)
+    _print(clients.sagemaker.stop_pipeline_execution(PipelineExecutionArn=arn, ClientRequestToken=str(uuid.uuid4())))
+    return 0
+
+
+def run_sagemaker(args: argparse.Namespace, clients: AwsClients | None = None,
+                  settings: Settings | None = None) -> int:
+    """The pipeline commands through boto3: against SageMaker, or (``run_local``) the local AWS service."""
+    settings = settings or resolve_settings(args)
     if args.command == "definition":
         print(build_definition_json(settings, upload=None))
         return 0
+    if args.command in LOCAL_COMMANDS:
+        raise UserError(f"command {args.command!r} is only available with --target local")
     clients = clients or AwsClients.create(settings.region)
     settings.region = settings.region or clients.sagemaker.meta.region_name
-    sm = clients.sagemaker
     if args.command == "upsert":
         _print(sagemaker_upsert(clients, settings))
-    elif args.command == "start":
-        if getattr(args, "start_no_cache", False):
-            raise UserError("start --no-cache is for the local engine; on SageMaker, upsert a definition built "
-                            "without caching (the global flag: --no-cache upsert)")
-        request: dict[str, Any] = {"PipelineName": settings.pipeline_name, "ClientRequestToken": str(uuid.uuid4()),
-                                   "PipelineParameters": args.parameters}
-        if args.display_name:
-            request["PipelineExecutionDisplayName"] = args.display_name
-        arn = sm.start_pipeline_execution(**request)["PipelineExecutionArn"]
-        print(arn)
-        if args.wait:
-            described = sagemaker_wait(clients, arn, args.poll_seconds, args.timeout_seconds)
-            _print({"PipelineExecutionArn": arn, "PipelineExecutionStatus": described["PipelineExecutionStatus"],
-                    "FailureReason": described.get("FailureReason")})
-            return 0 if described["PipelineExecutionStatus"] == "Succeeded" else 1
-    elif args.command in ("status", "describe"):
-        arn = _execution_arn(clients, settings, args.execution)
-        described = sm.describe_pipeline_execution(PipelineExecutionArn=arn)
-        described.pop("ResponseMetadata", None)
-        steps = _list_steps(clients, arn)
-        if args.command == "status":
-            _print({"PipelineExecutionArn": arn, "PipelineExecutionStatus": described["PipelineExecutionStatus"],
-                    "Steps": {s["StepName"]: s.get("StepStatus") for s in steps}})
-        else:
-            _print({**described, "Steps": steps})
-    elif args.command == "list-executions":
-        page = sm.list_pipeline_executions(PipelineName=settings.pipeline_name, SortBy="CreationTime",
-                                           SortOrder="Descending", MaxResults=args.max_results)
-        _print(page.get("PipelineExecutionSummaries", []))
-    elif args.command == "retry":
-        arn = _execution_arn(clients, settings, args.execution)
-        _print(sm.retry_pipeline_execution(PipelineExecutionArn=arn, ClientRequestToken=str(uuid.uuid4())))
-    elif args.command == "stop":
-        arn = _execution_arn(clients, settings, args.execution)
-        _print(sm.stop_pipeline_execution(PipelineExecutionArn=arn, ClientRequestToken=str(uuid.uuid4())))
-    else:
-        raise UserError(f"command {args.command!r} is only available with --target local")
-    return 0
+        return 0
+    if args.command == "start":
+        return _start(clients, settings, args)
+    return _COMMANDS[args.command](clients, settings, args)
+
+
+_COMMANDS: dict[str, Callable[[AwsClients, Settings, argparse.Namespace], int]] = {
+    "status": _status, "describe": _describe, "list-executions": _list_executions, "retry": _retry, "stop": _stop,
+}
 
 
 def _print(value: Any) -> None:
@@ -434,12 +480,72 @@ def _print(value: Any) -> None:
 
 # --- local target ----------------------------------------------------------------------------------------------------
 
-def run_local(args: argparse.Namespace) -> int:
+LOCAL_COMMANDS = ("report", "gc", "models", "endpoints", "local")
+
+
+def local_service_url() -> str:
+    """The local AWS service's URL (started on demand)."""
+    from pipelines.local.api import server
+
     try:
+        return server.up()
+    except RuntimeError as exc:  # the service did not start
+        raise UserError(str(exc)) from None
+
+
+def local_client(service: str) -> Any:
+    """A boto3 client of the local AWS service: ``sagemaker-runtime``, ``lambda``, ..."""
+    from pipelines.local.api import clients
+
+    return clients.client(service, local_service_url())
+
+
+def local_clients() -> AwsClients:
+    """The boto3 clients of the local AWS service."""
+    from pipelines.local.api import clients
+
+    url = local_service_url()
+    return AwsClients(**{name: clients.client(service, url) for name, service in AwsClients.SERVICES.items()})
+
+
+def _no_cache_header(request: Any, **_kwargs: Any) -> None:
+    """``start --no-cache`` on the local target: the local service's one extension header (SageMaker has no such
+    switch; the SageMaker target refuses the flag)."""
+    from pipelines.local.api.protocol import NO_CACHE_HEADER
+
+    request.headers[NO_CACHE_HEADER] = "true"
+
+
+def ensure_local_stack(clients: AwsClients, settings: Settings, args: argparse.Namespace) -> None:
+    """What ``infra/template.yaml`` creates on AWS, created the same way here (through the APIs): the artifact
+    bucket, the deploy function (steps/deploy.py, created with Lambda's CreateFunction) and the EventBridge rule that
+    sends the group's approval changes to it (:mod:`pipelines.local.stack`). The function manages the endpoint
+    ``start --param EndpointName=...`` names (as the template's ``EndpointName`` parameter would)."""
+    from pipelines.local import stack
+
+    endpoint = next((p["Value"] for p in getattr(args, "parameters", None) or [] if p["Name"] == "EndpointName"), None)
+    stack.ensure_all(clients, settings.bucket, settings.model_package_group_name, endpoint_name=endpoint)
+
+
+def run_local(args: argparse.Namespace, clients: AwsClients | None = None) -> int:
+    """The local target: the SageMaker target's code against the local AWS service, plus its own commands."""
+    if args.command in LOCAL_COMMANDS:
         from pipelines.local import cli as local_cli
-    except ImportError as exc:
-        raise UserError(f"the local engine is not available ({exc}); use --target sagemaker") from None
-    return int(local_cli.dispatch(args, make_local_definition_builder(args)) or 0)
+
+        return int(local_cli.dispatch(args) or 0)
+    settings = local_settings(args)
+    if args.command == "definition":
+        print(build_definition_json(settings, upload=None))
+        return 0
+    clients = clients or local_clients()
+    if args.command in ("upsert", "start"):
+        ensure_local_stack(clients, settings, args)
+    if args.command == "start":  # the local target runs what is checked out: upsert it first
+        logger.info("%s: %s", settings.pipeline_name, sagemaker_upsert(clients, settings)["Action"])
+        if getattr(args, "start_no_cache", False):
+            clients.sagemaker.meta.events.register("before-sign.sagemaker.StartPipelineExecution", _no_cache_header)
+            args.start_no_cache = False
+    return run_sagemaker(args, clients, settings)
 
 
 # --- parser ----------------------------------------------------------------------------------------------------------
@@ -476,10 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a pipeline Parameter (repeatable)")
     start.add_argument("--wait", action="store_true", help="wait until the execution ends; exit 1 unless it succeeded")
     start.add_argument("--display-name", help="execution display name")
-    start.add_argument("--poll-seconds", type=float, default=30.0)
-    start.add_argument("--timeout-seconds", type=float, default=24 * 3600.0)
+    _add_wait_arguments(start)
     # not ``no_cache`` (the global flag, which builds the definition with caching off): the local engine's per-start
-    # switch, read by pipelines.local.cli (START_NO_CACHE_DEST)
+    # switch, sent to the local service as the x-mlops-no-cache header
     start.add_argument("--no-cache", dest="start_no_cache", action="store_true",
                        help="local target: this execution looks nothing up in the step cache")
     for name, text in (("status", "execution status and step statuses"), ("describe", "full execution record"),
@@ -487,6 +592,12 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=text)
         command.add_argument("execution", nargs="?", default="latest",
                              help="execution ARN or id (default: the latest)")
+        if name == "describe":
+            command.add_argument("--output", choices=("table", "json"), default="table",
+                                 help="tables (steps, Debugger/Profiler rules, tuning trials) or the API's JSON")
+        if name == "retry":
+            command.add_argument("--wait", action="store_true", help="wait until the execution ends")
+            _add_wait_arguments(command)
     listing = sub.add_parser("list-executions", help="most recent executions first")
     listing.add_argument("--max-results", type=int, default=20)
     try:
@@ -496,6 +607,12 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         local_cli.add_local_subcommands(sub)
     return parser
+
+
+def _add_wait_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--poll-seconds", type=float, default=None,
+                        help="status poll interval while waiting (default 30, 1 on the local target)")
+    parser.add_argument("--timeout-seconds", type=float, default=24 * 3600.0)
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -519,7 +636,7 @@ def main(argv: Sequence[str] | None = None, clients: AwsClients | None = None) -
             check_start_parameters(args.parameters)
         if args.target == "local":
             check_mlops_home()
-            return run_local(args)
+            return run_local(args) if clients is None else run_local(args, clients)
         return run_sagemaker(args, clients)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

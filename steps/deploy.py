@@ -57,6 +57,8 @@ TAG_MODEL_PACKAGE_ARN = "imgclf:model-package-arn"
 TAG_MODEL_PACKAGE_GROUP = "imgclf:model-package-group"
 
 EVENTBRIDGE_DETAIL_TYPE = "SageMaker Model Package State Change"
+#: The handler's last log line is ``Result: {json}`` (CloudWatch Logs on AWS; read by the local ``models approve``).
+RESULT_LOG_PREFIX = "Result:"
 VARIANT_NAME = "AllTraffic"
 LIST_PAGE_SIZE = 100  # MaxResults for list_model_packages (the API maximum)
 DELETE_WAIT_S = 60.0  # how long to wait for a Failed endpoint to be deleted before giving up (Lambda timeout: 120 s)
@@ -161,20 +163,14 @@ def deploy_latest_approved(
 def latest_approved_package(sm_client: Any, model_package_group_name: str) -> dict[str, Any] | None:
     """The ``ModelPackageSummary`` of the group's newest Approved package (highest version), or ``None``.
 
-    Walks every page (``NextToken``) and re-checks status and ordering client-side, so a backend that pages
+    Walks every page (boto3's paginator) and re-checks status and ordering client-side, so a backend that pages
     differently or ignores ``SortBy`` still gives the right answer.
     """
     best: dict[str, Any] | None = None
-    request: dict[str, Any] = {
-        "ModelPackageGroupName": model_package_group_name,
-        "ModelApprovalStatus": "Approved",
-        "SortBy": "CreationTime",
-        "SortOrder": "Descending",
-        "MaxResults": LIST_PAGE_SIZE,
-    }
-    seen_tokens: set[str] = set()
-    while True:
-        page = sm_client.list_model_packages(**request)
+    pages = sm_client.get_paginator("list_model_packages").paginate(
+        ModelPackageGroupName=model_package_group_name, ModelApprovalStatus="Approved", SortBy="CreationTime",
+        SortOrder="Descending", PaginationConfig={"PageSize": LIST_PAGE_SIZE})
+    for page in pages:  # botocore's paginator stops on a repeated NextToken (PaginationError) too
         for summary in page.get("ModelPackageSummaryList", []):
             if summary.get("ModelApprovalStatus") != "Approved":
                 continue
@@ -184,13 +180,7 @@ def latest_approved_package(sm_client: Any, model_package_group_name: str) -> di
                 continue
             if best is None or _recency(summary) > _recency(best):
                 best = summary
-        token = page.get("NextToken")
-        if not token:
-            return best
-        if token in seen_tokens:  # a backend bug must not become an endless Lambda
-            raise RuntimeError(f"list_model_packages returned the same NextToken twice for {model_package_group_name}")
-        seen_tokens.add(token)
-        request["NextToken"] = token
+    return best
 
 
 def handle_event(event: Any, sm_client: Any, *, env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -209,10 +199,12 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
     request_id = getattr(context, "aws_request_id", None)
     logger.info("Invocation %s, event: %s", request_id, json.dumps(event, default=str)[:4000])
     try:
-        return handle_event(event, _sagemaker_client())
+        result = handle_event(event, _sagemaker_client())
     except ValueError:
         logger.exception("Rejected event")
         raise
+    logger.info("%s %s", RESULT_LOG_PREFIX, json.dumps(result, sort_keys=True, default=str))
+    return result
 
 
 def parse_event(event: Any, *, env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -306,7 +298,7 @@ def _nothing_approved(sm_client: Any, group: str, endpoint_name: str,
                    "Approve a version to deploy it.")
         logger.warning(message)
         return _result(STATUS_NOTHING_APPROVED, endpoint_name, None, None, message)
-    serving = _package_of_config(sm_client, endpoint.get("EndpointConfigName"))
+    serving = package_of_config(sm_client, endpoint.get("EndpointConfigName"))
     approval = _approval_status(sm_client, serving)
     message = (f"No Approved model package in group {group!r}; endpoint {endpoint_name!r} left unchanged (still "
                f"serving {serving or 'an unknown model'}{f', which is {approval}' if approval else ''}). ")
@@ -405,7 +397,7 @@ def _package_of_model(sm_client: Any, model_name: str) -> str | None:
     return None
 
 
-def _package_of_config(sm_client: Any, config_name: str | None) -> str | None:
+def package_of_config(sm_client: Any, config_name: str | None) -> str | None:
     """The model package an endpoint config serves (walks config -> model), ``None`` if unknown."""
     if not config_name:
         return None
@@ -423,14 +415,8 @@ def _package_of_config(sm_client: Any, config_name: str | None) -> str | None:
 
 
 def _list_all_tags(sm_client: Any, arn: str) -> dict[str, str]:
-    tags: dict[str, str] = {}
-    request: dict[str, Any] = {"ResourceArn": arn}
-    while True:
-        page = sm_client.list_tags(**request)
-        tags.update({tag["Key"]: tag["Value"] for tag in page.get("Tags", [])})
-        if not page.get("NextToken"):
-            return tags
-        request["NextToken"] = page["NextToken"]
+    return {tag["Key"]: tag["Value"] for page in sm_client.get_paginator("list_tags").paginate(ResourceArn=arn)
+            for tag in page.get("Tags", [])}
 
 
 def _no_change_or_raise(sm_client: Any, endpoint: Mapping[str, Any], package_arn: str) -> dict[str, Any] | None:
@@ -439,7 +425,7 @@ def _no_change_or_raise(sm_client: Any, endpoint: Mapping[str, Any], package_arn
     status = endpoint.get("EndpointStatus")
     pending_config = (endpoint.get("PendingDeploymentSummary") or {}).get("EndpointConfigName")
     if status in _IN_PROGRESS:
-        target = _package_of_config(sm_client, pending_config or endpoint.get("EndpointConfigName"))
+        target = package_of_config(sm_client, pending_config or endpoint.get("EndpointConfigName"))
         if target == package_arn:
             message = f"Endpoint {name!r} is already {status} towards {package_arn}; nothing to do."
             logger.info(message)
@@ -447,7 +433,7 @@ def _no_change_or_raise(sm_client: Any, endpoint: Mapping[str, Any], package_arn
         raise EndpointBusyError(f"Endpoint {name!r} is {status} (towards {target or 'an unknown model'}); cannot "
                                 f"deploy {package_arn} until it finishes. Retry later.")
     if status == "InService":
-        serving = _package_of_config(sm_client, endpoint.get("EndpointConfigName"))
+        serving = package_of_config(sm_client, endpoint.get("EndpointConfigName"))
         if serving == package_arn:
             message = f"Endpoint {name!r} already serves {package_arn}; nothing to do."
             logger.info(message)
@@ -517,7 +503,7 @@ def _joined(sm_client: Any, endpoint: Mapping[str, Any], package_arn: str) -> di
 def _update_endpoint(sm_client: Any, endpoint: Mapping[str, Any], config_name: str,
                      tags: list[dict[str, str]]) -> str | None:
     """Blue/green ``UpdateEndpoint`` to ``config_name``; returns the package served before."""
-    previous = _package_of_config(sm_client, endpoint.get("EndpointConfigName"))
+    previous = package_of_config(sm_client, endpoint.get("EndpointConfigName"))
     sm_client.update_endpoint(
         EndpointName=endpoint["EndpointName"],
         EndpointConfigName=config_name,

@@ -23,6 +23,26 @@ def _one_torch_thread():
     torch.set_num_threads(saved)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _stop_local_services_left_running(tmp_path_factory):
+    """After the session, stop every local AWS service (and the runners/Lambda processes it started) whose
+    MLOPS_HOME is one of this session's temporary directories: commands such as ``models approve`` or ``start``
+    start the service on demand, as they do for a user, and it outlives them by design."""
+    yield
+    import signal
+
+    import psutil
+
+    base = str(tmp_path_factory.getbasetemp())
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "pipelines.local.api.server" in " ".join(proc.info["cmdline"] or []) and \
+                    proc.environ().get("MLOPS_HOME", "").startswith(base):
+                proc.send_signal(signal.SIGTERM)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+
+
 @pytest.fixture(autouse=True)
 def _fresh_boto3_default_session():
     """Each test gets boto3's default session anew, as a fresh process would: botocore caches the credentials it
@@ -32,3 +52,33 @@ def _fresh_boto3_default_session():
     boto3.DEFAULT_SESSION = None
     yield
     boto3.DEFAULT_SESSION = None
+
+
+@pytest.fixture(scope="module")
+def local_aws(tmp_path_factory):
+    """``(url, MLOPS_HOME)`` of a local AWS service (pipelines/local/api) started for the requesting module in a
+    fresh MLOPS_HOME, stopped after it."""
+    from pipelines.local.api import server
+
+    home = tmp_path_factory.mktemp("mlops")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLOPS_HOME", str(home))
+        url = server.up()
+        try:
+            yield url, home
+        finally:
+            server.down()
+
+
+@pytest.fixture
+def local_aws_env(local_aws, monkeypatch):
+    """``(url, MLOPS_HOME)`` of the module's local service, with MLOPS_HOME and the clients' environment
+    (``AWS_ENDPOINT_URL``, the local credentials and region) set in ``os.environ`` for this test: boto3, the
+    SageMaker SDK and an ``aws`` subprocess started with ``os.environ`` all talk to it."""
+    from pipelines.local.api import server
+
+    url, home = local_aws
+    monkeypatch.setenv("MLOPS_HOME", str(home))
+    for name, value in server.client_environment(url).items():
+        monkeypatch.setenv(name, value)
+    return url, home

@@ -114,6 +114,9 @@ def test_start_wait_reports_failure_and_retry(aws_env, capsys):
                           {"PipelineExecutionArn": EXECUTION_ARN, "PipelineExecutionStatus": status,
                            **({"FailureReason": "Step failure: AccuracyBelowThreshold"} if status == "Failed" else {})},
                           {"PipelineExecutionArn": EXECUTION_ARN})
+        stub.add_response("list_pipeline_execution_steps",  # the steps' progress, while waiting and at the end
+                          {"PipelineExecutionSteps": [{"StepName": "CheckAccuracy", "StepStatus": status}]},
+                          {"PipelineExecutionArn": EXECUTION_ARN, "SortOrder": "Ascending"})
     stub.add_response("retry_pipeline_execution", {"PipelineExecutionArn": EXECUTION_ARN},
                       {"PipelineExecutionArn": EXECUTION_ARN, "ClientRequestToken": ANY})
     clients = run.AwsClients(sagemaker=sm, s3=None, sts=None)

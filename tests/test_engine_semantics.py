@@ -305,21 +305,23 @@ def test_start_no_cache_runs_one_execution_without_lookups(home, tmp_path):
     assert _run_work(engine, "nocache00003") == ("nocache00002", "data v2")  # its result is reusable later
 
 
-def test_start_no_cache_flag_reaches_the_engine_through_both_command_lines(home, monkeypatch):
+def test_start_no_cache_reaches_the_engine_as_the_local_services_header(local_aws_env):
+    """``start --no-cache`` (local target) is the local service's one extension: a header on
+    StartPipelineExecution, which the execution record keeps; the global ``--no-cache`` stays off."""
     from pipelines import run
-    from pipelines.local import cli
+    from pipelines.local.executions import ExecutionStore
+    from pipelines.local.store import LOCAL_ROLE_ARN
 
-    seen: list[bool] = []
-    monkeypatch.setattr(cli, "run_pipeline", lambda definition, name, overrides, no_cache=False: (
-        seen.append(no_cache) or {"status": "Succeeded"}))
-    monkeypatch.setattr(cli, "ExecutionStore", lambda: type("S", (), {"upsert_pipeline": lambda *a: None})())
-    build = lambda upload: definition_of()  # noqa: E731
-    for argv in (["start", "--no-cache"], ["start"]):
-        assert cli.dispatch(cli.build_parser().parse_args(argv), build) == 0
-        args = run.build_parser().parse_args(argv)
-        assert args.no_cache is False  # the global flag (definition without caching) stays off
-        assert cli.dispatch(args, build) == 0
-    assert seen == [True, True, False, False]
+    args = run.build_parser().parse_args(["start", "--no-cache"])
+    assert args.start_no_cache is True and args.no_cache is False
+    setup = run.local_clients().sagemaker
+    setup.create_pipeline(PipelineName="NoCachePipeline", PipelineDefinition=definition_of(), RoleArn=LOCAL_ROLE_ARN)
+    for no_cache in (True, False):
+        sm = run.local_clients().sagemaker
+        if no_cache:
+            sm.meta.events.register("before-sign.sagemaker.StartPipelineExecution", run._no_cache_header)
+        arn = sm.start_pipeline_execution(PipelineName="NoCachePipeline")["PipelineExecutionArn"]
+        assert ExecutionStore().get_execution(arn)["no_cache"] == int(no_cache)
 
 
 def test_concurrent_writers_of_one_artifact_never_collide(home):

@@ -21,7 +21,7 @@ from botocore.validate import ParamValidator
 
 from pipelines import sample_data
 from pipelines.local import cli_models, endpoints, registry
-from pipelines.local.sagemaker_client import LocalSageMakerClient
+from pipelines.local.api.sagemaker_backend import SageMakerBackend
 from pipelines.local.store import ArtifactStore
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -308,7 +308,7 @@ def test_approve_deploys_through_steps_deploy_and_swaps_versions(mlops_home, tmp
     classes = ["circle", "square"]
     _register(classes, tmp_path, favourite=0, accuracy=0.81)
     _register(classes, tmp_path, favourite=1, accuracy=0.93)
-    client = LocalSageMakerClient(startup_timeout=120)
+    client = SageMakerBackend(startup_timeout=120)
     name = "imgclf-test"
 
     assert _cli("models", "approve", "1", "--endpoint-name", name, "--description", "first") == 0

@@ -34,7 +34,7 @@ PARAMS = {
 def _start(**params: str) -> int:
     from pipelines import run
 
-    argv = ["start"] + [x for k, v in params.items() for x in ("--param", f"{k}={v}")]
+    argv = ["start", "--wait"] + [x for k, v in params.items() for x in ("--param", f"{k}={v}")]
     return run.main(argv)
 
 
@@ -51,13 +51,17 @@ def runs(tmp_path_factory):
         records = ExecutionStore()
         passed = _start(**PARAMS, InputDataUrl=str(data), AccuracyThreshold="0")
         first = records.list_executions(limit=1)[0]
-        # The same definition again (not rebuilt: a source edit meanwhile would rightly change the code bundle
-        # and miss the cache), through the same engine entry point ``start`` uses.
-        from pipelines.local.cli import run_pipeline
+        # The same pipeline again (not upserted again: a source edit meanwhile would rightly change the code bundle
+        # and miss the cache), started with boto3 as any client would.
+        from pipelines import run
 
-        summary = run_pipeline(first["definition"], first["pipeline_name"],
-                               {**PARAMS, "InputDataUrl": str(data), "AccuracyThreshold": "1.01"})
-        failed = 0 if summary["status"] == "Succeeded" else 1
+        sm = run.local_clients().sagemaker
+        params = {**PARAMS, "InputDataUrl": str(data), "AccuracyThreshold": "1.01"}
+        arn = sm.start_pipeline_execution(
+            PipelineName=first["pipeline_name"],
+            PipelineParameters=[{"Name": k, "Value": v} for k, v in params.items()])["PipelineExecutionArn"]
+        summary = run.sagemaker_wait(run.local_clients(), arn, 1.0, 1800)
+        failed = 0 if summary["PipelineExecutionStatus"] == "Succeeded" else 1
         second = records.list_executions(limit=1)[0]
         yield {"records": records, "home": home, "passed": passed, "failed": failed, "first": first,
                "second": second}
@@ -68,6 +72,9 @@ def runs(tmp_path_factory):
             endpoints.delete(ENDPOINT)
         except Exception:  # noqa: BLE001 -- nothing deployed
             pass
+        from pipelines.local.api import server
+
+        server.down()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -180,11 +187,11 @@ def test_threshold_not_met_ends_at_the_fail_step_with_cached_jobs(runs):
     assert runs["records"].trials(second["execution_id"]) == []
 
 
-def test_describe_shows_steps_rule_results_and_trials(runs, capsys, monkeypatch):
+def test_describe_shows_steps_rule_results_and_trials(runs, capsys):
+    """``describe`` (the same view as on SageMaker) shows what DescribeTrainingJob and
+    ListTrainingJobsForHyperParameterTuningJob answer; piped, its cells are never folded."""
     from pipelines import run
-    from pipelines.local import cli
 
-    monkeypatch.setattr(cli.console, "width", 200)  # rich folds long cells at 80 columns when not on a terminal
     assert run.main(["describe", runs["first"]["execution_id"]]) == 0
     out = capsys.readouterr().out
     assert f"{runs['first']['execution_id']}" in out and "status=Succeeded" in out

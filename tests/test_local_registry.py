@@ -10,7 +10,7 @@ from botocore.exceptions import ClientError, ParamValidationError
 from botocore.validate import ParamValidator
 
 from pipelines.local import registry
-from pipelines.local.sagemaker_client import LocalSageMakerClient
+from pipelines.local.api.sagemaker_backend import SageMakerBackend
 from pipelines.local.store import ArtifactStore
 
 pytestmark = pytest.mark.fast
@@ -135,7 +135,7 @@ def test_unreadable_metrics_report_is_kept_as_reference(caplog):
 
 
 def test_client_registry_calls_match_the_service_model():
-    client = LocalSageMakerClient()
+    client = SageMakerBackend()
     with pytest.raises(ClientError, match="Model Package Group ImageClassifierModels does not exist") as info:
         client.create_model_package(**register_request())
     assert info.value.response["Error"]["Code"] == "ValidationException"
@@ -181,7 +181,7 @@ def test_client_registry_calls_match_the_service_model():
 
 
 def test_client_models_configs_endpoints_and_tags_errors():
-    client = LocalSageMakerClient()
+    client = SageMakerBackend()
     client.create_model_package_group(ModelPackageGroupName=GROUP)
     package_arn = client.create_model_package(**register_request())["ModelPackageArn"]
     role = "arn:aws:iam::000000000000:role/MLOpsLocalExecutionRole"
@@ -273,7 +273,7 @@ def test_client_token_makes_create_model_package_idempotent():
     assert registry.create_model_package(register_request()) != first  # no token: no idempotency
     assert [p.version for p in registry.list_packages()] == [1, 2, 3]
 
-    client = LocalSageMakerClient()
+    client = SageMakerBackend()
     assert client.create_model_package(**request)["ModelPackageArn"] == first["ModelPackageArn"]
     with pytest.raises(ClientError, match="IdempotentParameterMismatch") as info:
         client.create_model_package(**register_request(description="another model", ClientToken=token))
@@ -282,7 +282,7 @@ def test_client_token_makes_create_model_package_idempotent():
 
 
 def test_failed_endpoint_allows_only_delete():
-    client = LocalSageMakerClient()
+    client = SageMakerBackend()
     client.create_model_package_group(ModelPackageGroupName=GROUP)
     package_arn = client.create_model_package(**register_request())["ModelPackageArn"]  # its model data is missing
     client.create_model(ModelName="m1", PrimaryContainer={"ModelPackageName": package_arn},

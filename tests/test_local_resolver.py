@@ -151,9 +151,9 @@ def test_graph_dependencies_branches_and_errors():
 
     with pytest.raises(engine.DefinitionError, match="'E'.*'EMR'"):
         engine.parse_definition({"Steps": [_step("E", "EMR")]})
-    with pytest.raises(engine.DefinitionError, match="Lambda function 'other-fn'"):
-        engine.parse_definition({"Steps": [_step("L", "Lambda", FunctionArn="arn:aws:lambda:us-east-1:1:function:"
-                                                 "other-fn")]})
+    # Any Lambda function: invoked at run time through the local Lambda service (a missing one fails that step).
+    assert engine.parse_definition({"Steps": [_step("L", "Lambda", FunctionArn="arn:aws:lambda:us-east-1:1:function:"
+                                                    "other-fn")]})["L"].type == "Lambda"
     with pytest.raises(engine.DefinitionError, match="unknown step"):
         engine.parse_definition({"Steps": [_step("A", "Processing", DependsOn=["Ghost"])]})
     with pytest.raises(engine.DefinitionError, match="cycle"):

@@ -1,9 +1,10 @@
-"""Kill the local engine (SIGKILL to the engine process alone) while the best-model training job runs: the job's
-processes (the training toolkit, the user script) die with it; then ``retry`` the execution: the finished steps are
-kept (attempt 1, no new tuning trials) and the run completes."""
+"""Kill the local engine (SIGKILL to the execution's runner process alone, which the local AWS service started) while
+the best-model training job runs: the job's processes (the training toolkit, the user script) die with it; then
+``retry`` the execution: the finished steps are kept (attempt 1, no new tuning trials) and the run completes."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -39,17 +40,48 @@ def _query(db: Path, sql: str, *args):
         conn.close()
 
 
+def _service_pid(home: Path) -> int | None:
+    state = home / "api" / "server.json"
+    return json.loads(state.read_text())["pid"] if state.is_file() else None
+
+
 def _processes_of(home: Path) -> list[int]:
-    """Processes (not zombies) whose environment names this ``MLOPS_HOME``, other than this one."""
+    """Processes (not zombies) whose environment names this ``MLOPS_HOME``, other than this one and the local AWS
+    service."""
     pids = []
     for proc in psutil.process_iter():
         try:
-            if proc.pid != os.getpid() and proc.status() != psutil.STATUS_ZOMBIE and \
+            if proc.pid not in (os.getpid(), _service_pid(home)) and proc.status() != psutil.STATUS_ZOMBIE and \
                     proc.environ().get("MLOPS_HOME") == str(home):
                 pids.append(proc.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return pids
+
+
+def _runner_pid(db: Path) -> int | None:
+    rows = _query(db, "SELECT pid FROM executions WHERE status='Executing'")
+    return rows[0][0] if rows else None
+
+
+def _kill_runner_mid_training(db: Path, home: Path, log_text) -> None:
+    deadline = time.time() + 420
+    while time.time() < deadline:
+        rows = _query(db, "SELECT log_path FROM steps WHERE step_name='TrainBestModel' AND status='Executing'")
+        if rows and Path(rows[0][0]).is_file() and "epoch=1 " in Path(rows[0][0]).read_text():
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"training never started; log:\n{log_text()[-3000:]}")
+    runner = _runner_pid(db)
+    assert runner is not None
+    jobs = [pid for pid in _processes_of(home) if pid != runner]
+    assert len(jobs) >= 3, jobs  # the job guard, the training toolkit, the user script (at least)
+    os.kill(runner, signal.SIGKILL)  # the runner alone: its jobs are in sessions of their own
+    deadline = time.time() + 10
+    while _processes_of(home) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _processes_of(home) == [], "job processes outlived the engine"
 
 
 def test_sigkill_mid_training_then_retry_keeps_finished_steps(tmp_path):
@@ -58,46 +90,36 @@ def test_sigkill_mid_training_then_retry_keeps_finished_steps(tmp_path):
     env = dict(os.environ, MLOPS_HOME=str(home), MLOPS_TUNER_SEED="8", PYTHONUNBUFFERED="1")
     argv = [sys.executable, "-m", "pipelines.run", "start", "--param", f"InputDataUrl={data}"]
     argv += [x for k, v in PARAMS.items() for x in ("--param", f"{k}={v}")]
-    log = open(tmp_path / "engine.log", "w")
-    engine = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     db = home / "mlops.db"
-    deadline = time.time() + 420
-    killed_during = None
     try:
-        while time.time() < deadline and engine.poll() is None:
-            rows = _query(db, "SELECT log_path FROM steps WHERE step_name='TrainBestModel' AND status='Executing'")
-            if rows and Path(rows[0][0]).is_file() and "epoch=1 " in Path(rows[0][0]).read_text():
-                killed_during = "TrainBestModel"
-                break
-            time.sleep(0.5)
-        assert killed_during, f"training never started; engine log:\n{(tmp_path / 'engine.log').read_text()[-3000:]}"
-        jobs = [pid for pid in _processes_of(home) if pid != engine.pid]
-        assert len(jobs) >= 3, jobs  # the job guard, the training toolkit, the user script (at least)
-        os.kill(engine.pid, signal.SIGKILL)  # the engine alone: its jobs are in sessions of their own
-        engine.wait(30)
-        deadline = time.time() + 10
-        while _processes_of(home) and time.time() < deadline:
-            time.sleep(0.2)
-        assert _processes_of(home) == [], "job processes outlived the engine"
+        started = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+
+        def log_text() -> str:
+            logs = sorted((home / "runs").glob("*/engine.log"))
+            return logs[0].read_text() if logs else started.stderr
+        _kill_runner_mid_training(db, home, log_text)
+        _check_and_retry(db, env)
     finally:
-        if engine.poll() is None:
-            os.killpg(engine.pid, signal.SIGKILL)
-        for pid in _processes_of(home):  # nothing, unless the assertion above failed
+        for pid in _processes_of(home):  # nothing, unless an assertion failed
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        log.close()
+        subprocess.run([sys.executable, "-m", "pipelines.run", "local", "down"], cwd=ROOT, env=env,
+                       capture_output=True, timeout=60)
 
+
+def _check_and_retry(db: Path, env: dict[str, str]) -> None:
     (execution_id, status), = _query(db, "SELECT execution_id, status FROM executions")
-    assert status == "Executing"  # nobody recorded an end: the engine died
+    assert status in ("Executing", "Failed")  # the engine died; the service settles it Failed once it looks
     before = dict(_query(db, "SELECT step_name, status FROM steps WHERE execution_id=?", execution_id))
     assert before["PrepareData"] == "Succeeded" and before["TuneHyperparameters"] == "Succeeded"
-    assert before["TrainBestModel"] == "Executing"
+    assert before["TrainBestModel"] in ("Executing", "Failed")
     trials_before = _query(db, "SELECT job_name FROM trials WHERE execution_id=?", execution_id)
     assert len(trials_before) == 1
 
-    retry = subprocess.run([sys.executable, "-m", "pipelines.run", "retry", execution_id], cwd=ROOT, env=env,
+    retry = subprocess.run([sys.executable, "-m", "pipelines.run", "retry", execution_id, "--wait"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=420)
     assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
     (status,), = _query(db, "SELECT status FROM executions WHERE execution_id=?", execution_id)

@@ -34,30 +34,8 @@ pytestmark = pytest.mark.fast
 MB = 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    """``(url, MLOPS_HOME)`` of a service started for this module."""
-    home = tmp_path_factory.mktemp("mlops")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLOPS_HOME", str(home))
-        url = server.up()
-        try:
-            yield url, home
-        finally:
-            server.down()
-
-
 @pytest.fixture
-def env(service, monkeypatch):
-    url, home = service
-    monkeypatch.setenv("MLOPS_HOME", str(home))
-    for name, value in server.client_environment(url).items():
-        monkeypatch.setenv(name, value)
-    return url, home
-
-
-@pytest.fixture
-def s3(env):
+def s3(local_aws_env):
     return boto3.client("s3")
 
 
@@ -98,15 +76,15 @@ def raw_request(url: str, method: str, path: str, body: bytes = b"", headers: di
 # ----------------------------------------------------------------------------------------------------- buckets
 
 
-def test_clients_use_path_style_addressing(env, s3, bucket):
-    url, _ = env
+def test_clients_use_path_style_addressing(local_aws_env, s3, bucket):
+    url, _ = local_aws_env
     seen: list[str] = []
     s3.meta.events.register("before-send.s3", lambda request, **_: seen.append(request.url))
     s3.put_object(Bucket=bucket, Key="k", Body=b"x")
     assert seen == [f"{url}/{bucket}/k"]
 
 
-def test_bucket_lifecycle(env, s3):
+def test_bucket_lifecycle(local_aws_env, s3):
     name = f"life-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=name)
     s3.create_bucket(Bucket=name)  # us-east-1: recreating your own bucket answers 200 (legacy), as AWS does
@@ -123,7 +101,7 @@ def test_bucket_lifecycle(env, s3):
     assert error_of(excinfo) == ("BucketNotEmpty", 409)
     s3.delete_object(Bucket=name, Key="deep/er/key")
     s3.delete_bucket(Bucket=name)
-    assert not (artifacts(env[1]) / name).exists()
+    assert not (artifacts(local_aws_env[1]) / name).exists()
     with pytest.raises(ClientError) as excinfo:
         s3.head_bucket(Bucket=name)
     assert error_of(excinfo) == ("404", 404)  # HEAD errors have no body: botocore reports the status
@@ -139,7 +117,7 @@ def test_invalid_bucket_names_are_refused(s3):
         assert error_of(excinfo) == ("InvalidBucketName", 400), name
 
 
-def test_list_buckets_paginates(env, s3):
+def test_list_buckets_paginates(local_aws_env, s3):
     prefix = f"pg{uuid.uuid4().hex[:6]}-"
     for index in range(3):
         s3.create_bucket(Bucket=f"{prefix}{index}")
@@ -180,7 +158,7 @@ def test_put_get_head_delete(s3, bucket):
     assert error_of(excinfo) == ("NoSuchBucket", 404)
 
 
-def test_resource_api(env, bucket):
+def test_resource_api(local_aws_env, bucket):
     s3r = boto3.resource("s3")
     b = s3r.Bucket(bucket)
     b.put_object(Key="r/one.json", Body=b"{}", ContentType="application/json")
@@ -195,8 +173,8 @@ def test_resource_api(env, bucket):
     assert list(b.objects.all()) == []
 
 
-def test_objects_are_the_artifact_files(env, s3, bucket):
-    home = env[1]
+def test_objects_are_the_artifact_files(local_aws_env, s3, bucket):
+    home = local_aws_env[1]
     s3.put_object(Bucket=bucket, Key="models/run 1/model.tar.gz", Body=b"weights")
     path = artifacts(home) / bucket / "models" / "run 1" / "model.tar.gz"
     assert path.read_bytes() == b"weights"
@@ -279,7 +257,7 @@ def test_ranged_and_conditional_gets(s3, bucket):
     assert error_of(excinfo) == ("PreconditionFailed", 412)
 
 
-def test_presigned_url(env, s3, bucket):
+def test_presigned_url(local_aws_env, s3, bucket):
     """SigV4 presigned URLs (botocore presigns S3 with SigV2 unless told s3v4; the server needs a SigV4 scope)."""
     s3.put_object(Bucket=bucket, Key="shared/file.txt", Body=b"presigned")
     presigner = boto3.client("s3", config=Config(signature_version="s3v4"))
@@ -311,8 +289,8 @@ def test_odd_keys_round_trip(s3, bucket):
     assert [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]] == ["copies/" + ODD_KEYS[3]]
 
 
-def test_bad_keys_are_refused(env, s3, bucket):
-    url, home = env
+def test_bad_keys_are_refused(local_aws_env, s3, bucket):
+    url, home = local_aws_env
     root = artifacts(home)
     before = {p for p in home.rglob("*")}
     for key in ("../escape", "a/../../escape", "/absolute", "a//b", "a/./b", "..", f"x/{'.s3tmp-'}y"):
@@ -348,7 +326,7 @@ def test_key_that_is_a_prefix_of_others_conflicts(s3, bucket):
     assert error_of(excinfo) == ("NoSuchKey", 404)
 
 
-def test_directory_markers(env, s3, bucket):
+def test_directory_markers(local_aws_env, s3, bucket):
     s3.put_object(Bucket=bucket, Key="folder/", Body=b"")
     assert s3.head_object(Bucket=bucket, Key="folder/")["ContentLength"] == 0
     s3.put_object(Bucket=bucket, Key="folder/file", Body=b"f")
@@ -357,7 +335,7 @@ def test_directory_markers(env, s3, bucket):
     assert [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]] == ["folder/"]
     s3.delete_object(Bucket=bucket, Key="folder/")
     assert "Contents" not in s3.list_objects_v2(Bucket=bucket)
-    assert list((artifacts(env[1]) / bucket).iterdir()) == []  # emptied prefixes do not linger as directories
+    assert list((artifacts(local_aws_env[1]) / bucket).iterdir()) == []  # emptied prefixes do not linger as directories
 
 
 def test_checksums_and_md5_are_verified(s3, bucket):
@@ -373,7 +351,7 @@ def test_checksums_and_md5_are_verified(s3, bucket):
     assert "Contents" in s3.list_objects_v2(Bucket=bucket)
 
 
-def test_aws_chunked_body_with_trailing_checksum(env, s3, bucket):
+def test_aws_chunked_body_with_trailing_checksum(local_aws_env, s3, bucket):
     """What SDKs send over HTTPS (boto3 does not over plain HTTP): aws-chunked framing, the checksum in a trailer."""
     payload = os.urandom(70_000)
     crc = zlib.crc32(payload).to_bytes(4, "big")
@@ -385,18 +363,18 @@ def test_aws_chunked_body_with_trailing_checksum(env, s3, bucket):
 
     headers = {"Content-Encoding": "aws-chunked", "x-amz-content-sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
                "x-amz-decoded-content-length": str(len(payload)), "x-amz-trailer": "x-amz-checksum-crc32"}
-    status, body = raw_request(env[0], "PUT", f"/{bucket}/chunked", framed(crc), headers)
+    status, body = raw_request(local_aws_env[0], "PUT", f"/{bucket}/chunked", framed(crc), headers)
     assert status == 200, body
     got = s3.get_object(Bucket=bucket, Key="chunked")
     assert got["Body"].read() == payload
     assert "ContentEncoding" not in got  # aws-chunked is transport framing, not stored
-    status, body = raw_request(env[0], "PUT", f"/{bucket}/chunked", framed(b"\0\0\0\0"), headers)
+    status, body = raw_request(local_aws_env[0], "PUT", f"/{bucket}/chunked", framed(b"\0\0\0\0"), headers)
     assert status == 400 and b"BadDigest" in body
 
 
-def test_expect_100_continue(env, bucket):
+def test_expect_100_continue(local_aws_env, bucket):
     """``100 Continue`` only once the service reads the body: a refused upload is answered before it is sent."""
-    host, port = env[0].removeprefix("http://").split(":")
+    host, port = local_aws_env[0].removeprefix("http://").split(":")
     for path, first_line in [("/no-such-bucket-x/k", b"HTTP/1.1 404"), (f"/{bucket}/k", b"HTTP/1.1 100")]:
         conn = http.client.HTTPConnection(host, int(port), timeout=10)
         conn.putrequest("PUT", path, skip_accept_encoding=True)
@@ -471,8 +449,8 @@ def test_pagination_of_2500_keys(s3, bucket):
 # --------------------------------------------------------------------------------------------------- multipart
 
 
-def test_upload_file_multipart_and_ranged_download(env, s3, bucket, tmp_path):
-    home = env[1]
+def test_upload_file_multipart_and_ranged_download(local_aws_env, s3, bucket, tmp_path):
+    home = local_aws_env[1]
     source = tmp_path / "big.bin"
     source.write_bytes(os.urandom(20 * MB + 12345))
     config = TransferConfig(multipart_threshold=5 * MB, max_concurrency=4)  # 8 MB parts: 8 + 8 + 4
@@ -522,7 +500,7 @@ def test_multipart_parts_out_of_order_and_of_odd_sizes(s3, bucket):
     assert got["ContentType"] == "application/x-odd"
 
 
-def test_multipart_errors_and_abort(env, s3, bucket):
+def test_multipart_errors_and_abort(local_aws_env, s3, bucket):
     key = "mp/abort"
     upload_id = s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
     small = s3.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=1, Body=b"too small")["ETag"]
@@ -539,7 +517,7 @@ def test_multipart_errors_and_abort(env, s3, bucket):
     with pytest.raises(ClientError) as excinfo:
         s3.list_parts(Bucket=bucket, Key=key, UploadId="nope")
     assert error_of(excinfo) == ("NoSuchUpload", 404)
-    assert list((artifacts(env[1]) / bucket).iterdir()) == []
+    assert list((artifacts(local_aws_env[1]) / bucket).iterdir()) == []
 
 
 def test_upload_part_copy(s3, bucket):
@@ -559,7 +537,7 @@ def test_upload_part_copy(s3, bucket):
     assert s3.get_object(Bucket=bucket, Key="dst.bin")["Body"].read() == source
 
 
-def test_large_put_and_get_stream_at_bounded_server_memory(env, s3, bucket, tmp_path):
+def test_large_put_and_get_stream_at_bounded_server_memory(local_aws_env, s3, bucket, tmp_path):
     """A 96 MB single PUT and GET go through the server without it holding the object in memory."""
     pid = server.status()["pid"]
     process = psutil.Process(pid)
@@ -574,10 +552,10 @@ def test_large_put_and_get_stream_at_bounded_server_memory(env, s3, bucket, tmp_
     assert growth < 48 * MB, f"server RSS grew by {growth / MB:.0f} MB"
 
 
-def test_operation_hint_in_query_is_not_a_subresource(env, s3, bucket):
+def test_operation_hint_in_query_is_not_a_subresource(local_aws_env, s3, bucket):
     """Newer SDKs send ``?x-id=GetObject`` (and so on): an argument, not another API."""
     s3.put_object(Bucket=bucket, Key="k", Body=b"x-id")
-    status, body = raw_request(env[0], "GET", f"/{bucket}/k?x-id=GetObject")
+    status, body = raw_request(local_aws_env[0], "GET", f"/{bucket}/k?x-id=GetObject")
     assert (status, body) == (200, b"x-id")
 
 

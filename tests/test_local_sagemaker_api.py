@@ -34,30 +34,8 @@ pytestmark = pytest.mark.fast
 TERMINAL = ("Succeeded", "Failed", "Stopped")
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    """``(url, MLOPS_HOME)`` of a service started for this module."""
-    home = tmp_path_factory.mktemp("mlops")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLOPS_HOME", str(home))
-        url = server.up()
-        try:
-            yield url, home
-        finally:
-            server.down()
-
-
 @pytest.fixture
-def env(service, monkeypatch):
-    url, home = service
-    monkeypatch.setenv("MLOPS_HOME", str(home))
-    for name, value in server.client_environment(url).items():
-        monkeypatch.setenv(name, value)
-    return url, home
-
-
-@pytest.fixture
-def sm(env):
+def sm(local_aws_env):
     return boto3.client("sagemaker")
 
 
@@ -137,8 +115,8 @@ def signed_post(url: str, target: str, body: bytes = b"{}") -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-def test_unknown_operation(env, sm):
-    url, _ = env
+def test_unknown_operation(local_aws_env, sm):
+    url, _ = local_aws_env
     status, body = signed_post(url, "SageMaker.FrobnicateWidgets")
     assert (status, body["__type"]) == (400, "UnknownOperationException")
     with pytest.raises(ClientError) as excinfo:  # a SageMaker operation the local service does not serve
@@ -155,8 +133,8 @@ def botocore_report(client, operation: str, params: dict) -> str:
     return str(ParamValidationError(report=ParamValidator().validate(params, shape).generate_report()))
 
 
-def test_validation_error_carries_botocore_message(env):
-    url, _ = env
+def test_validation_error_carries_botocore_message(local_aws_env):
+    url, _ = local_aws_env
     raw = boto3.client("sagemaker", config=Config(parameter_validation=False))
     for params in ({}, {"PipelineName": ""}):
         with pytest.raises(ClientError) as excinfo:
@@ -314,8 +292,8 @@ def test_bad_parameter_value_is_a_validation_error(sm):
     assert code == "ValidationException" and "Score" in message
 
 
-def test_engine_gone_is_settled_failed_and_runner_records_its_crash(env, sm):
-    _, home = env
+def test_engine_gone_is_settled_failed_and_runner_records_its_crash(local_aws_env, sm):
+    _, home = local_aws_env
     records = ExecutionStore()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -362,7 +340,7 @@ def test_model_package_group_and_package_through_the_api(sm):
     assert error_of(excinfo)[0] == "ValidationException"
 
 
-def test_runtime_unknown_endpoint_is_validation_error(env):
+def test_runtime_unknown_endpoint_is_validation_error(local_aws_env):
     runtime = boto3.client("sagemaker-runtime")
     with pytest.raises(ClientError) as excinfo:
         runtime.invoke_endpoint(EndpointName="no-such-endpoint", Body=b"{}", ContentType="application/json")
@@ -373,7 +351,7 @@ def test_runtime_unknown_endpoint_is_validation_error(env):
 # ------------------------------------------------------------------------------------------------------ SDK
 
 
-def test_sagemaker_sdk_pipeline_upsert_start_wait_list_steps(env):
+def test_sagemaker_sdk_pipeline_upsert_start_wait_list_steps(local_aws_env):
     from sagemaker.workflow.condition_step import ConditionStep
     from sagemaker.workflow.conditions import ConditionGreaterThanOrEqualTo
     from sagemaker.workflow.fail_step import FailStep
@@ -468,7 +446,7 @@ def record_jobs(records: ExecutionStore) -> dict:
     return {"execution": execution, "prep": prep, "tuning": tuning, "trials": [t[0] for t in trials]}
 
 
-def test_jobs_the_engine_ran_through_the_api(env, sm):
+def test_jobs_the_engine_ran_through_the_api(local_aws_env, sm):
     recorded = record_jobs(ExecutionStore())
     processing = sm.describe_processing_job(ProcessingJobName=recorded["prep"])
     assert processing["ProcessingJobStatus"] == "Completed"
@@ -545,7 +523,7 @@ server.serve_forever()
 
 
 @pytest.fixture
-def fake_endpoint(env, tmp_path):
+def fake_endpoint(local_aws_env, tmp_path):
     """A server that answers the runtime path as an endpoint server would, registered as a running local endpoint
     (its command line names the endpoint server module, which is how a live server is recognized)."""
     import psutil
@@ -599,7 +577,7 @@ def test_definition_from_s3_location(sm):
     assert code == "ValidationException" and "s3://mlops-local/definitions/missing.json" in message
 
 
-def test_sdk_uploads_a_large_definition_through_local_s3(env):
+def test_sdk_uploads_a_large_definition_through_local_s3(local_aws_env):
     """Above 100 KB the SDK uploads the definition to its default bucket and sends PipelineDefinitionS3Location."""
     import importlib.util
 

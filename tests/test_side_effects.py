@@ -1,10 +1,12 @@
 """Side effects across crashes (issue 11): each happens exactly once, and what is reported is what is true.
 
-A forked child runs the engine (or the CLI) and dies at a chosen point -- ``os._exit`` right after the registry's
-commit, or a real ``kill -9`` while it deploys -- and the parent then does what an operator does: ``retry`` the
-execution (``LocalEngine.resume``, what ``pipelines.run retry`` calls) or ``models approve`` again, and checks the
-resources that exist: one model package, one endpoint InService serving the approved version from a live server.
-The endpoints serve a tiny handler (the toolkit's four functions) so servers start in about a second.
+A forked child runs the engine (or the CLI) and dies at a chosen point -- ``os._exit`` right after the service
+committed its CreateModelPackage -- or the process that deploys, the local AWS service, gets a real ``kill -9``
+while it deploys (a service started from tests/support/hanging_deploy_service.py, whose deploy hangs); the parent
+then does what an operator does: ``retry`` the execution (``LocalEngine.resume``, what ``pipelines.run retry``
+calls) or ``models approve`` again, and checks the resources that exist: one model package, one endpoint InService
+serving the approved version from a live server. The endpoints serve a tiny handler (the toolkit's four functions)
+so servers start in about a second.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import os
 import select
 import signal
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -21,10 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.local import cli_models, endpoints, registry
+from pipelines.local import cli_models, endpoints, engine, registry, stack
+from pipelines.local.api import clients, server
+from pipelines.local.api.sagemaker_backend import SageMakerBackend
 from pipelines.local.engine import LocalEngine
 from pipelines.local.executions import ExecutionStore
-from pipelines.local.sagemaker_client import LocalSageMakerClient
 from pipelines.local.store import DEPLOY_FUNCTION_ARN, LOCAL_ROLE_ARN, ArtifactStore
 
 pytestmark = pytest.mark.fast
@@ -61,9 +66,13 @@ def mlops_home(tmp_path, monkeypatch):
     monkeypatch.setenv("MLOPS_HOME", str(tmp_path / "mlops"))
     monkeypatch.setenv("SAGEMAKER_EXECUTION_ROLE_ARN", LOCAL_ROLE_ARN)
     monkeypatch.setenv("COLUMNS", "250")  # rich tables as wide as their content
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    # The deploy function, as `start` creates it (infra/template.yaml's, on the local AWS service).
+    stack.ensure_deploy_function(clients.client("lambda"), GROUP, ENDPOINT)
     yield tmp_path / "mlops"
     for endpoint in endpoints.list_endpoints():  # never leave a server behind
         endpoints.delete(endpoint.name)
+    server.down()
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -139,8 +148,12 @@ def wait(pid: int, timeout: float = 120) -> int:
     raise AssertionError(f"child {pid} did not finish within {timeout}s")
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def hang_in_deploy(ready_fd: int) -> None:
-    """In the child: ``endpoints.deploy`` reports that it started, then hangs until the parent kills -9."""
+    """In a child that deploys with the backend itself: ``endpoints.deploy`` reports that it started, then hangs
+    until the parent kills -9."""
     def hang(*args, **kwargs):
         os.write(ready_fd, b"x")
         time.sleep(600)
@@ -148,23 +161,36 @@ def hang_in_deploy(ready_fd: int) -> None:
     endpoints.deploy = hang
 
 
+def start_hanging_service() -> subprocess.Popen:
+    """Replace the local AWS service by one whose deploys hang (tests/support/hanging_deploy_service.py)."""
+    server.down()
+    # The last argument names the service on the command line, where server.up looks for it.
+    proc = subprocess.Popen([sys.executable, "tests/support/hanging_deploy_service.py", "pipelines.local.api.server"],
+                            cwd=ROOT, env=dict(os.environ),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while server.status() is None:
+        assert proc.poll() is None and time.monotonic() < deadline, "the hanging service did not start"
+        time.sleep(0.1)
+    return proc
+
+
 def kill_while_deploying(target: Callable[[], object]) -> None:
-    """Run ``target`` in a child and ``kill -9`` it while it deploys (inside ``endpoints.deploy``)."""
-    read_fd, write_fd = os.pipe()
-
-    def child() -> None:
-        hang_in_deploy(write_fd)
-        target()
-
-    pid = fork(child)
-    ready, _, _ = select.select([read_fd], [], [], 120)
-    os.close(write_fd)
-    assert ready, "the child never reached the deploy"
+    """Run ``target`` in a child and ``kill -9`` the local AWS service while it deploys for it."""
+    service = start_hanging_service()
+    started = Path(os.environ["MLOPS_HOME"]) / "deploy-started"
+    pid = fork(target)
+    deadline = time.monotonic() + 120
+    while not started.exists():
+        assert time.monotonic() < deadline, "the service never reached the deploy"
+        time.sleep(0.05)
     # While the deployer lives, the endpoint is honestly Creating: nobody may take it over.
-    assert LocalSageMakerClient().describe_endpoint(EndpointName=ENDPOINT)["EndpointStatus"] == "Creating"
-    os.kill(pid, signal.SIGKILL)
-    assert wait(pid) == -signal.SIGKILL
-    os.close(read_fd)
+    assert SageMakerBackend().describe_endpoint(EndpointName=ENDPOINT)["EndpointStatus"] == "Creating"
+    service.kill()
+    service.wait(30)
+    started.unlink()
+    os.kill(pid, signal.SIGKILL)  # and the caller: what it would report does not matter here
+    wait(pid)
 
 
 def invoke_version() -> int:
@@ -190,14 +216,21 @@ def test_crash_after_the_registry_commit_then_retry_registers_the_artifact_once(
     pipeline = definition(model_uri(tmp_path, 1), 1, deploy=False)
 
     def commit_then_die() -> None:
-        real = registry.create_model_package
+        real = engine.local_client
 
-        def create(request, **kwargs):
-            created = real(request, **kwargs)
-            os._exit(KILLED)  # the engine dies before it records the step's end
-            return created
+        def local_client(service: str):
+            client = real(service)
+            if service == "sagemaker":
+                create = client.create_model_package
 
-        registry.create_model_package = create
+                def create_then_die(**request):
+                    create(**request)  # the service has committed it
+                    os._exit(KILLED)  # the engine dies before it records the step's end
+
+                client.create_model_package = create_then_die
+            return client
+
+        engine.local_client = local_client
         LocalEngine(pipeline, pipeline_name=PIPELINE).start()
 
     assert wait(fork(commit_then_die)) == KILLED
@@ -232,7 +265,7 @@ def test_kill_9_during_deploy_then_retry_serves_the_approved_version(tmp_path):
 
     assert final["status"] == "Succeeded", final.get("failure_reason")
     [package] = registry.list_packages()
-    client = LocalSageMakerClient(startup_timeout=60)
+    client = SageMakerBackend(startup_timeout=60)
     described = client.describe_endpoint(EndpointName=ENDPOINT)
     assert described["EndpointStatus"] == "InService" and "FailureReason" not in described
     assert client.package_of_config(described["EndpointConfigName"]) == package.arn
@@ -252,26 +285,30 @@ def test_approve_again_after_kill_9_redeploys_instead_of_no_change(tmp_path, cap
 
     kill_while_deploying(lambda: cli("models", "approve", "1", "--endpoint-name", ENDPOINT))
     capsys.readouterr()
-    described = LocalSageMakerClient().describe_endpoint(EndpointName=ENDPOINT)  # nobody deploys it any more
+    described = SageMakerBackend().describe_endpoint(EndpointName=ENDPOINT)  # nobody deploys it any more
     assert described["EndpointStatus"] == "Failed" and "was interrupted" in described["FailureReason"]
     assert cli("endpoints", "list") == 0
     assert "was interrupted" in capsys.readouterr().out
 
+    # Approving the (already Approved) version again sends its state-change event to the deploy function again.
     assert cli("models", "approve", "1", "--endpoint-name", ENDPOINT) == 0
     out = capsys.readouterr().out
+    assert "already Approved" in out
     assert "deploy: Created" in out and "NoChange" not in out and "Failed endpoint" in out
-    assert LocalSageMakerClient().describe_endpoint(EndpointName=ENDPOINT)["EndpointStatus"] == "InService"
+    assert SageMakerBackend().describe_endpoint(EndpointName=ENDPOINT)["EndpointStatus"] == "InService"
     assert invoke_version() == 1
+    serving = endpoints.get(ENDPOINT).pid
     # Once it serves, the same approval again is a true NoChange.
     assert cli("models", "approve", "1", "--endpoint-name", ENDPOINT) == 0
     assert "deploy: NoChange" in capsys.readouterr().out
+    assert endpoints.get(ENDPOINT).pid == serving
 
 
 def test_deployer_killed_after_its_server_came_up_or_mid_update_is_settled_truthfully(tmp_path):
     v1 = registry.create_model_package(register_arguments(model_uri(tmp_path, 1), 1))["ModelPackageArn"]
     v2 = registry.create_model_package(register_arguments(model_uri(tmp_path, 2), 2))["ModelPackageArn"]
     role = LOCAL_ROLE_ARN
-    client = LocalSageMakerClient(startup_timeout=60)
+    client = SageMakerBackend(startup_timeout=60)
     for version, arn in ((1, v1), (2, v2)):
         client.create_model(ModelName=f"m{version}", PrimaryContainer={"ModelPackageName": arn},
                             ExecutionRoleArn=role)
@@ -287,7 +324,7 @@ def test_deployer_killed_after_its_server_came_up_or_mid_update_is_settled_truth
             os._exit(KILLED)  # the server is up; the endpoint's record still says Creating
 
         endpoints.deploy = deploy
-        LocalSageMakerClient(startup_timeout=60).create_endpoint(EndpointName=ENDPOINT, EndpointConfigName="c1")
+        SageMakerBackend(startup_timeout=60).create_endpoint(EndpointName=ENDPOINT, EndpointConfigName="c1")
 
     assert wait(fork(server_up_then_die)) == KILLED
     described = client.describe_endpoint(EndpointName=ENDPOINT)
@@ -298,7 +335,7 @@ def test_deployer_killed_after_its_server_came_up_or_mid_update_is_settled_truth
 
     def update() -> None:
         hang_in_deploy(write_fd)
-        LocalSageMakerClient().update_endpoint(EndpointName=ENDPOINT, EndpointConfigName="c2")
+        SageMakerBackend().update_endpoint(EndpointName=ENDPOINT, EndpointConfigName="c2")
 
     pid = fork(update)
     assert select.select([read_fd], [], [], 60)[0]

@@ -1,16 +1,19 @@
 """CLI commands for the local model registry and endpoints (``models ...``, ``endpoints ...``).
 
 ``add_subcommands(subparsers)`` adds the two command groups (each sets ``cli_group`` on the parsed namespace) and
-``run(args)`` executes one. Approving or rejecting a version updates the registry and then does what AWS does: the
-registry emits an EventBridge "SageMaker Model Package State Change" event and the deploy function
-(``steps.deploy.handle_event``, the very code the AWS Lambda runs) reacts to it -- here with the local SageMaker
-client, so the endpoint is a local server.
+``run(args)`` executes one. Every change goes through the local AWS service with boto3, as it would on AWS:
+approving or rejecting a version is ``UpdateModelPackage``; the service emits the EventBridge "SageMaker Model
+Package State Change" event, the approval rule (created like infra/template.yaml's, :mod:`pipelines.local.stack`)
+sends it to the deploy function (``steps/deploy.py``, created with Lambda ``CreateFunction``), which deploys through
+the SageMaker API; the command then reads that invocation's log (its ``Result:`` line) and waits for the endpoint.
+``endpoints invoke`` is the runtime's ``InvokeEndpoint``; ``endpoints delete`` is ``DeleteEndpoint``. Listings read
+the registry and the API.
 
 Rejecting the only Approved version while it serves leaves the endpoint serving it (the deploy function's
 ``NothingApproved``, as on AWS: nothing approved to roll back to, and deleting a live endpoint is a separate, explicit
 decision). ``models reject`` then exits 1 with the reason on stderr (the registry change stands), and ``endpoints
 list`` / ``models describe`` flag the endpoint ("serving a Rejected version: nothing approved to roll back to").
-``models approve`` exits 0 only when the endpoint is InService serving the approved version from a live server.
+``models approve`` exits 0 only when the endpoint is InService serving the deployed version from a live server.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import logging
 import mimetypes
 import os
-import uuid
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,13 +33,13 @@ from rich.console import Console
 from rich.table import Table
 
 from pipelines.local import endpoints, registry
-from pipelines.local.sagemaker_client import LocalSageMakerClient
-from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION, LOCAL_ROLE_ARN
+from pipelines.local.api import clients
+from pipelines.local.store import DEPLOY_FUNCTION_NAME, mlops_home
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT_NAME = "imgclf-endpoint"
-EVENT_DETAIL_TYPE = "SageMaker Model Package State Change"
+DEPLOY_WAIT_S = 300.0  # models approve/reject: the deploy function's invocation and the endpoint
 IMAGE_CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 
 
@@ -74,7 +77,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--endpoint-name", default=os.environ.get("ENDPOINT_NAME") or DEFAULT_ENDPOINT_NAME,
                        help="endpoint the deploy function manages (default: env ENDPOINT_NAME or %(default)s)")
         p.add_argument("--description", help="approval description to record")
-        p.add_argument("--no-deploy", action="store_true", help="only change the registry")
+        p.add_argument("--no-wait", action="store_true",
+                       help="do not wait for the deploy function (the approval event triggers it either way)")
+        p.add_argument("--timeout", type=float, default=DEPLOY_WAIT_S, help="seconds to wait for the deploy")
         p.set_defaults(approval_status=status)
 
     eps = subparsers.add_parser("endpoints", help="local endpoints: list, invoke, delete, restart")
@@ -159,7 +164,7 @@ def _models_describe(args: argparse.Namespace) -> int:
         ("Content types", ", ".join(spec.get("SupportedContentTypes") or []) or "-"),
         ("Response types", ", ".join(spec.get("SupportedResponseMIMETypes") or []) or "-"),
     ]
-    rows.append(("Endpoints", _serving_endpoints_text(LocalSageMakerClient(), package)))
+    rows.append(("Endpoints", _serving_endpoints_text(_sagemaker(), package)))
     metrics = (package.evaluation or {}).get("multiclass_classification_metrics") or {}
     for name in ("accuracy", "top_5_accuracy", "macro_f1", "weighted_f1"):
         value = (metrics.get(name) or {}).get("value")
@@ -179,62 +184,127 @@ def _models_describe(args: argparse.Namespace) -> int:
     return 0
 
 
-def state_change_event(package: registry.ModelPackage) -> dict[str, Any]:
-    """The EventBridge event SageMaker emits when a model package's approval status changes."""
-    detail = package.describe()
-    for key in ("CreationTime", "LastModifiedTime"):  # EventBridge carries epoch milliseconds
-        if isinstance(detail.get(key), datetime):
-            detail[key] = int(detail[key].timestamp() * 1000)
-    return {
-        "version": "0",
-        "id": str(uuid.uuid4()),
-        "detail-type": EVENT_DETAIL_TYPE,
-        "source": "aws.sagemaker",
-        "account": LOCAL_ACCOUNT,
-        "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "region": LOCAL_REGION,
-        "resources": [package.arn],
-        "detail": detail,
-    }
-
-
-def deploy_on_state_change(event: dict[str, Any], endpoint_name: str = DEFAULT_ENDPOINT_NAME,
-                           client: LocalSageMakerClient | None = None) -> dict[str, Any]:
-    """Run the deploy function (``steps.deploy.handle_event``) on ``event`` against the local backend, with the
-    environment the AWS Lambda would have (``ENDPOINT_NAME``, ``SAGEMAKER_EXECUTION_ROLE_ARN``)."""
-    try:
-        from steps import deploy
-    except ImportError as exc:
-        raise RuntimeError(f"the deploy function steps/deploy.py cannot be imported: {exc}") from exc
-    env = dict(os.environ)
-    env["ENDPOINT_NAME"] = endpoint_name
-    env.setdefault("SAGEMAKER_EXECUTION_ROLE_ARN", LOCAL_ROLE_ARN)
-    return deploy.handle_event(event, client or LocalSageMakerClient(), env=env)
+def _sagemaker() -> Any:
+    """The local AWS service's SageMaker client (boto3)."""
+    return clients.client("sagemaker")
 
 
 def _models_set_approval(args: argparse.Namespace) -> int:
-    package = registry.set_approval(args.model, args.approval_status, args.description, args.group)
-    _out().print(f"{package.group} version {package.version} is now {_styled(package.approval_status)} "
-                  f"({package.arn})")
-    if args.no_deploy:
+    """``UpdateModelPackage`` on the local AWS service, as on AWS: the approval change is an EventBridge event that
+    the approval rule sends to the deploy function (created like infra/template.yaml does, see
+    :mod:`pipelines.local.stack`). Then wait for that invocation (its log, as CloudWatch Logs would show it) and
+    for the endpoint to serve what it deployed."""
+    from pipelines.local import stack
+
+    package = registry.get_package(args.model, args.group)
+    sm = _sagemaker()
+    stack.ensure_all(_StackClients(sm), None, package.group, endpoint_name=args.endpoint_name)
+    logs_before = set(_deploy_logs())
+    request = {"ModelPackageArn": package.arn, "ModelApprovalStatus": args.approval_status}
+    if args.description:
+        request["ApprovalDescription"] = args.description
+    sm.update_model_package(**request)
+    if package.approval_status == args.approval_status:
+        _resend_state_change(sm, package.arn)
+    else:
+        _out().print(f"{package.group} version {package.version} is now {_styled(args.approval_status)} "
+                     f"({package.arn})")
+    if args.no_wait:
         return 0
-    client = LocalSageMakerClient()
-    try:
-        result = deploy_on_state_change(state_change_event(package), args.endpoint_name, client)
-    except Exception as exc:  # the registry change stands; say why the deploy did not happen
-        _err().print(f"[red]deploy failed:[/red] {type(exc).__name__}: {exc}", highlight=False)
+    deadline = time.monotonic() + args.timeout
+    log = _finished_invocation(logs_before, deadline)
+    if log is None:
+        _err().print(f"[red]the deploy function did not finish within {args.timeout:.0f} s[/red]; its logs: "
+                     f"{_deploy_log_dir()}", highlight=False)
+        return 1
+    result = _logged_result(log)
+    if result is None:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        _err().print(f"[red]deploy failed[/red] ({log}):\n{tail}", highlight=False)
         return 1
     _out().print(f"deploy: {result.get('status')} -- {result.get('message')}", highlight=False)
     if result.get("status") == "NothingApproved":
         return _nothing_approved_exit(args.endpoint_name, result)
-    problem = client.serving_problem(args.endpoint_name, result.get("model_package_arn"))
-    if problem:
-        _err().print(f"[red]endpoint {args.endpoint_name} is not serving {result.get('model_package_arn')}:[/red] "
-                     f"{problem}", highlight=False)
-        return 1
-    _out().print(f"endpoint {args.endpoint_name} is {_styled('InService')} at "
-                 f"{endpoints.get(args.endpoint_name).url}/invocations")
-    return 0
+    return _wait_until_serving(sm, args.endpoint_name, result.get("model_package_arn"), deadline)
+
+
+def _resend_state_change(sm: Any, package_arn: str) -> None:
+    """The status did not change, so SageMaker sends no event: send the package's state-change event to the deploy
+    function directly (asynchronously, as EventBridge -- and its retries after a failed deploy -- would)."""
+    from pipelines.local.api import events
+    from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION
+
+    described = sm.describe_model_package(ModelPackageName=package_arn)
+    described.pop("ResponseMetadata", None)
+    event = events.model_package_state_change_event(described, account=LOCAL_ACCOUNT, region=LOCAL_REGION)
+    clients.client("lambda").invoke(FunctionName=DEPLOY_FUNCTION_NAME, InvocationType="Event",
+                                    Payload=json.dumps(event, default=str).encode())
+    _out().print(f"{package_arn} is already {_styled(described['ModelApprovalStatus'])}: sent its state-change "
+                 "event to the deploy function again")
+
+
+class _StackClients:
+    """The clients :func:`pipelines.local.stack.ensure_all` needs, next to an existing SageMaker client."""
+
+    def __init__(self, sm: Any) -> None:
+        self.sagemaker = sm
+        self.s3 = clients.client("s3")
+        self.lambda_ = clients.client("lambda")
+        self.events = clients.client("events")
+
+
+def _deploy_log_dir() -> Path:
+    return mlops_home() / "lambda" / DEPLOY_FUNCTION_NAME / "logs"
+
+
+def _deploy_logs() -> list[Path]:
+    folder = _deploy_log_dir()
+    return sorted(folder.glob("*.log"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+
+
+def _finished_invocation(before: set[Path], deadline: float) -> Path | None:
+    """The log of the first deploy invocation started after ``before`` was taken, once it has ended."""
+    while time.monotonic() < deadline:
+        for log in _deploy_logs():
+            if log not in before and "END RequestId:" in log.read_text(errors="replace"):
+                return log
+        time.sleep(0.2)
+    return None
+
+
+def _logged_result(log: Path) -> dict[str, Any] | None:
+    """The deploy function's result (its ``Result: {json}`` log line), ``None`` when it failed."""
+    from steps.deploy import RESULT_LOG_PREFIX
+
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        _, found, payload = line.partition(RESULT_LOG_PREFIX + " ")
+        if found:
+            try:
+                return json.loads(payload)
+            except ValueError:
+                return None
+    return None
+
+
+def _wait_until_serving(sm: Any, endpoint_name: str, package_arn: str | None, deadline: float) -> int:
+    """0 once ``endpoint_name`` is InService serving ``package_arn`` from a live server; 1 (reason on stderr) when
+    the deploy failed or the deadline passed."""
+    from steps import deploy
+
+    while True:
+        endpoint = sm.describe_endpoint(EndpointName=endpoint_name)
+        status = endpoint["EndpointStatus"]
+        serving = deploy.package_of_config(sm, endpoint.get("EndpointConfigName"))
+        if status == "InService" and serving == package_arn and endpoints.get(endpoint_name).alive:
+            _out().print(f"endpoint {endpoint_name} is {_styled('InService')} at "
+                         f"{endpoints.get(endpoint_name).url}/invocations")
+            return 0
+        if status not in ("Creating", "Updating") or time.monotonic() >= deadline:
+            _err().print(f"[red]endpoint {endpoint_name} is not serving {package_arn}:[/red] it is {status}, "
+                         f"serving {serving or 'nothing'}: {endpoint.get('FailureReason') or 'no reason given'}",
+                         highlight=False)
+            return 1
+        time.sleep(0.5)
 
 
 def _nothing_approved_exit(endpoint_name: str, result: dict[str, Any]) -> int:
@@ -248,9 +318,11 @@ def _nothing_approved_exit(endpoint_name: str, result: dict[str, Any]) -> int:
     return 1
 
 
-def serving_note(client: LocalSageMakerClient, config_name: str | None) -> str | None:
+def serving_note(client: Any, config_name: str | None) -> str | None:
     """A note when an endpoint config serves a version that is no longer Approved (``None`` otherwise)."""
-    arn = client.package_of_config(config_name)
+    from steps import deploy
+
+    arn = deploy.package_of_config(client, config_name)
     try:
         package = registry.get_package(arn) if arn else None
     except registry.ResourceNotFound:
@@ -265,11 +337,13 @@ def serving_note(client: LocalSageMakerClient, config_name: str | None) -> str |
             f"(models approve {newest} to deploy it)")
 
 
-def _serving_endpoints_text(client: LocalSageMakerClient, package: registry.ModelPackage) -> str:
+def _serving_endpoints_text(client: Any, package: registry.ModelPackage) -> str:
     """``name (status)`` of each local endpoint whose config serves ``package``, with its note."""
+    from steps import deploy
+
     found = []
     for described in _described_endpoints(client).values():
-        if client.package_of_config(described.get("EndpointConfigName")) == package.arn:
+        if deploy.package_of_config(client, described.get("EndpointConfigName")) == package.arn:
             note = serving_note(client, described.get("EndpointConfigName"))
             found.append(f"{described['EndpointName']} ({described['EndpointStatus']})" + (f": {note}" if note else ""))
     return "; ".join(found) or "-"
@@ -278,7 +352,7 @@ def _serving_endpoints_text(client: LocalSageMakerClient, package: registry.Mode
 # --------------------------------------------------------------------------------------------------- endpoints
 
 
-def served_package(client: LocalSageMakerClient, config_name: str | None) -> str | None:
+def served_package(client: Any, config_name: str | None) -> str | None:
     """``group/version`` (or ARN, or image) that an endpoint config serves, for display."""
     if not config_name:
         return None
@@ -298,21 +372,14 @@ def served_package(client: LocalSageMakerClient, config_name: str | None) -> str
     return container.get("ModelDataUrl") or container.get("Image")
 
 
-def _described_endpoints(client: LocalSageMakerClient) -> dict[str, dict[str, Any]]:
-    """``DescribeEndpoint`` of every endpoint, by name (all pages of ``ListEndpoints``)."""
-    described: dict[str, dict[str, Any]] = {}
-    request: dict[str, Any] = {"MaxResults": 100}
-    while True:
-        page = client.list_endpoints(**request)
-        for summary in page["Endpoints"]:
-            described[summary["EndpointName"]] = client.describe_endpoint(EndpointName=summary["EndpointName"])
-        if not page.get("NextToken"):
-            return described
-        request["NextToken"] = page["NextToken"]
+def _described_endpoints(client: Any) -> dict[str, dict[str, Any]]:
+    """``DescribeEndpoint`` of every endpoint, by name (every page of ``ListEndpoints``)."""
+    return {summary["EndpointName"]: client.describe_endpoint(EndpointName=summary["EndpointName"])
+            for page in client.get_paginator("list_endpoints").paginate() for summary in page["Endpoints"]}
 
 
 def _endpoints_list(args: argparse.Namespace) -> int:
-    client = LocalSageMakerClient()
+    client = _sagemaker()
     described = _described_endpoints(client)
     servers = {e.name: e for e in endpoints.list_endpoints()}
     names = sorted(set(described) | set(servers))
@@ -338,14 +405,20 @@ def _endpoints_list(args: argparse.Namespace) -> int:
 
 
 def _endpoints_invoke(args: argparse.Namespace) -> int:
+    """The SageMaker runtime's ``InvokeEndpoint`` (boto3, the local AWS service)."""
     body = args.file.read_bytes()
     content_type = (args.content_type or IMAGE_CONTENT_TYPES.get(args.file.suffix.lower())
                     or mimetypes.guess_type(args.file.name)[0] or "application/x-image")
-    status, payload = endpoints.invoke(args.name, body, content_type, args.accept)
-    text = payload.decode("utf-8", "replace")
-    if status != 200:
-        _err().print(f"[red]HTTP {status}[/red] {text}", highlight=False)
+    try:
+        answer = clients.client("sagemaker-runtime").invoke_endpoint(
+            EndpointName=args.name, Body=body, ContentType=content_type, Accept=args.accept)
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        status = exc.response.get("OriginalStatusCode") or exc.response.get("ResponseMetadata", {}).get(
+            "HTTPStatusCode")
+        _err().print(f"[red]HTTP {status}[/red] {error.get('Code')}: {error.get('Message')}", highlight=False)
         return 1
+    text = answer["Body"].read().decode("utf-8", "replace")
     try:
         _out().print_json(text)
     except (ValueError, TypeError):
@@ -354,7 +427,7 @@ def _endpoints_invoke(args: argparse.Namespace) -> int:
 
 
 def _endpoints_delete(args: argparse.Namespace) -> int:
-    client = LocalSageMakerClient()
+    client = _sagemaker()
     try:
         client.delete_endpoint(EndpointName=args.name)
     except ClientError as exc:
@@ -365,7 +438,9 @@ def _endpoints_delete(args: argparse.Namespace) -> int:
 
 
 def _endpoints_restart(args: argparse.Namespace) -> int:
-    described = LocalSageMakerClient().redeploy_endpoint(args.name)
+    from pipelines.local.api.sagemaker_backend import SageMakerBackend
+
+    described = SageMakerBackend().redeploy_endpoint(args.name)  # local-only: SageMaker has no such operation
     if described.get("FailureReason"):
         _err().print(f"endpoint {args.name} is {_styled(described['EndpointStatus'])}: "
                           f"{described['FailureReason']}", highlight=False)

@@ -52,7 +52,7 @@ from typing import Any, Protocol
 
 from pipelines.local import jobs, resolver
 from pipelines.local.executions import ExecutionStore, parse_iso_duration
-from pipelines.local.store import DEPLOY_FUNCTION_NAME, ArtifactStore, runs_dir
+from pipelines.local.store import ArtifactStore, runs_dir
 
 logger = logging.getLogger(__name__)
 
@@ -109,21 +109,16 @@ def function_name(function_arn: str) -> str:
     return match.group(1) if match else function_arn
 
 
-def local_sagemaker_client() -> Any:
-    """The local SageMaker API backend (registry + endpoints) the deploy code talks to."""
-    from pipelines.local import sagemaker_client
+def local_client(service: str) -> Any:
+    """A boto3 client of the local AWS service: ``AWS_ENDPOINT_URL`` when the runner was started by it, else the
+    service, started on demand (an engine driven in-process, as tests do)."""
+    from botocore.config import Config
 
-    return sagemaker_client.LocalSageMakerClient()
+    from pipelines.local.api import clients
 
-
-def _deploy_function(event: dict[str, Any]) -> dict[str, Any]:
-    from steps.deploy import handle_event
-
-    return handle_event(event, local_sagemaker_client())
-
-
-#: Lambda functions the local engine can invoke, by function name.
-LAMBDA_FUNCTIONS: dict[str, Callable[[dict[str, Any]], Any]] = {DEPLOY_FUNCTION_NAME: _deploy_function}
+    # Invoke waits for the function (up to its Timeout, 900 s at most) and is not retried: a retry runs it twice.
+    config = Config(read_timeout=910, retries={"max_attempts": 1, "mode": "standard"}) if service == "lambda" else None
+    return clients.client(service, os.environ.get("AWS_ENDPOINT_URL"), config=config)
 
 
 def parse_definition(definition: Mapping[str, Any]) -> dict[str, StepDef]:
@@ -140,11 +135,6 @@ def parse_definition(definition: Mapping[str, Any]) -> dict[str, StepDef]:
             if stype not in SUPPORTED_STEP_TYPES:
                 raise DefinitionError(f"step {name!r} has type {stype!r}, which the local engine does not run "
                                       f"(supported: {', '.join(SUPPORTED_STEP_TYPES)})")
-            if stype == "Lambda":
-                fn = function_name(str(spec.get("FunctionArn", "")))
-                if fn not in LAMBDA_FUNCTIONS:
-                    raise DefinitionError(f"step {name!r} invokes Lambda function {fn!r}, which has no local "
-                                          f"implementation (known: {', '.join(sorted(LAMBDA_FUNCTIONS))})")
             step = StepDef(name, stype, spec, branch=branch)
             args = spec.get("Arguments", {})
             if stype == "Condition":
@@ -590,9 +580,11 @@ class LocalEngine:
         request = {**arguments, "ClientToken": token}
         self.records.set_step_arguments(execution["execution_id"], step.name, request, None)
         earlier = registry.package_for_token(token)
-        try:
-            created = registry.create_model_package(request)
-        except Exception as exc:  # botocore ParamValidationError, RegistryError (IdempotentParameterMismatch too)
+        try:  # through the SageMaker API, as on AWS: the service emits the package's state-change event
+            sagemaker = local_client("sagemaker")
+            _ensure_package_group(sagemaker, request.get("ModelPackageGroupName"))
+            created = sagemaker.create_model_package(**request)
+        except Exception as exc:  # botocore ParamValidationError, ClientError (IdempotentParameterMismatch too)
             raise StepFailed(f"CreateModelPackage failed: {exc}") from exc
         described = registry.get_package(created["ModelPackageArn"]).describe()
         with open(log_path, "a", encoding="utf-8") as fh:
@@ -602,33 +594,16 @@ class LocalEngine:
         return {**described, "ModelPackageArn": created["ModelPackageArn"]}
 
     def _step_lambda(self, execution, step, ctx, job_dir, log_path, attempt):  # noqa: ANN001
-        fn_name = function_name(str(step.spec.get("FunctionArn", "")))
-        function = LAMBDA_FUNCTIONS[fn_name]
+        """Invoke the function (Lambda ``Invoke``, RequestResponse) on the local AWS service, as SageMaker does."""
+        function_arn = str(step.spec.get("FunctionArn", ""))
+        fn_name = function_name(function_arn)
         event = resolver.resolve(step.arguments, ctx)
         self.records.set_step_arguments(execution["execution_id"], step.name, event, None)
         with open(log_path, "a", encoding="utf-8") as fh:
-            fh.write(f"[engine] invoking {fn_name} with {json.dumps(event, default=str)}\n")
-        handler = logging.FileHandler(log_path)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root = logging.getLogger()
-        root.addHandler(handler)
-        try:
-            result = function(event)
-        except Exception as exc:
-            raise StepFailed(f"Lambda function {fn_name} failed: {type(exc).__name__}: {exc}") from exc
-        finally:
-            root.removeHandler(handler)
-            handler.close()
-        with open(log_path, "a", encoding="utf-8") as fh:
-            fh.write(f"[engine] {fn_name} returned {json.dumps(result, default=str)}\n")
+            fh.write(f"[engine] invoking {function_arn} with {json.dumps(event, default=str)}\n")
+        result = _invoke_function(function_arn, event, log_path)
         if not isinstance(result, dict):
             raise StepFailed(f"Lambda function {fn_name} returned {type(result).__name__}, expected a JSON object")
-        if fn_name == DEPLOY_FUNCTION_NAME and result.get("status") in ("Created", "Updated", "NoChange"):
-            # Local deploys finish inside the call: succeed only if the endpoint really serves the package now.
-            problem = local_sagemaker_client().serving_problem(result.get("endpoint_name"),
-                                                               result.get("model_package_arn"))
-            if problem:
-                raise StepFailed(f"Lambda function {fn_name} returned {result.get('status')} but {problem}")
         outputs: dict[str, Any] = {}
         for spec in step.spec.get("OutputParameters") or []:
             out_name, out_type = spec["OutputName"], spec.get("OutputType", "String")
@@ -647,6 +622,51 @@ class LocalEngine:
             else:
                 outputs[out_name] = value if isinstance(value, str) else json.dumps(value, default=str)
         return {"OutputParameters": outputs, "Output": result}
+
+
+def _ensure_package_group(sagemaker: Any, group: str | None) -> None:
+    """SageMaker Pipelines' RegisterModel step creates its model package group when it does not exist yet."""
+    from botocore.exceptions import ClientError
+
+    if not group or group.startswith("arn:"):
+        return
+    try:
+        sagemaker.describe_model_package_group(ModelPackageGroupName=group)
+    except ClientError:
+        try:
+            sagemaker.create_model_package_group(ModelPackageGroupName=group)
+        except ClientError as exc:  # created concurrently by another step: fine
+            if "already exists" not in str(exc):
+                raise
+
+
+def _invoke_function(function_arn: str, event: Any, log_path: Path) -> Any:
+    """The function's JSON answer; its error (``FunctionError``), or a Lambda API error, is :class:`StepFailed`."""
+    import base64
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    fn_name = function_name(function_arn)
+    try:
+        answer = local_client("lambda").invoke(FunctionName=function_arn, InvocationType="RequestResponse",
+                                               LogType="Tail", Payload=json.dumps(event, default=str).encode())
+    except ClientError as exc:
+        raise StepFailed(f"Lambda Invoke {fn_name} failed: {exc}") from exc
+    except BotoCoreError as exc:
+        raise StepFailed(f"Lambda Invoke {fn_name}: the local Lambda service did not answer: {exc}") from exc
+    payload = answer["Payload"].read()
+    log_tail = base64.b64decode(answer.get("LogResult") or b"").decode("utf-8", "replace")
+    with open(log_path, "a", encoding="utf-8") as fh:
+        fh.write(f"[engine] {fn_name} log (tail):\n{log_tail}\n[engine] {fn_name} returned {payload[:4000]!r}\n")
+    try:
+        result = json.loads(payload) if payload.strip() else None
+    except ValueError as exc:
+        raise StepFailed(f"Lambda function {fn_name} returned a payload that is not JSON: {payload[:200]!r}") from exc
+    if answer.get("FunctionError"):
+        message = result.get("errorMessage") if isinstance(result, dict) else payload[:500]
+        kind = result.get("errorType") if isinstance(result, dict) else answer["FunctionError"]
+        raise StepFailed(f"Lambda function {fn_name} failed: {kind}: {message}")
+    return result
 
 
 def _debugger_module() -> Any | None:

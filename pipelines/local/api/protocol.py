@@ -17,6 +17,9 @@ from typing import IO, Any
 #: Bodies are read whole into memory only up to this size (JSON APIs); S3 object bodies are streamed instead.
 MAX_JSON_BODY_BYTES = 16 * 1024 * 1024
 CHUNK = 1 << 20
+#: The local service's one extension header: on ``StartPipelineExecution``, ``true`` means this execution looks
+#: nothing up in the step cache (``start --no-cache``). SageMaker has no such switch.
+NO_CACHE_HEADER = "x-mlops-no-cache"
 
 _CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/(\d{8})/([^/,\s]+)/([^/,\s]+)/aws4_request")
 
@@ -102,6 +105,17 @@ class Request:
     def json(self, limit: int = MAX_JSON_BODY_BYTES) -> Any:
         data = self.body(limit)
         return json.loads(data) if data.strip() else {}
+
+    def service_url(self) -> str:
+        """The URL this service was reached at (the ``Host`` header): what jobs and Lambda handlers it starts for
+        this request are pointed at."""
+        host = self.header("Host")
+        if host:
+            return f"http://{host}"
+        from pipelines.local.api import server
+
+        running = server.status()
+        return str(running["url"]) if running else f"http://{server.LOOPBACK}"
 
     def drain(self) -> None:
         """Read what is left of the body, so the connection can be reused."""

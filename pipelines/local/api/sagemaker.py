@@ -14,7 +14,7 @@ keys never leave) with timestamps as epoch seconds. Errors are ``{"__type": code
 (500 ``InternalFailure`` for a bug here), the form botocore's JSON parser reads.
 
 Served: pipelines, executions and the engine's jobs (:mod:`.sagemaker_pipelines`); models, endpoint configs,
-endpoints, model package groups and packages, tags (:class:`~pipelines.local.sagemaker_client.LocalSageMakerClient`,
+endpoints, model package groups and packages, tags (:class:`~pipelines.local.sagemaker_backend.SageMakerBackend`,
 every method of it that is a SageMaker operation). ``CreateEndpoint``/``UpdateEndpoint`` answer once the deploy is
 under way (at most :data:`DEPLOY_ANSWER_S`), as SageMaker answers with the endpoint ``Creating``: the local deploy
 goes on in the service and ``DescribeEndpoint`` (or the ``EndpointInService`` waiter) shows when it is done.
@@ -35,11 +35,11 @@ from typing import Any
 from botocore import xform_name
 from botocore.exceptions import ClientError, ParamValidationError
 
-from pipelines.local import endpoints, sagemaker_client
-from pipelines.local.api import sagemaker_pipelines, shapes
-from pipelines.local.api.protocol import BodyTooLarge, Request, Response
+from pipelines.local import endpoints
+from pipelines.local.api import sagemaker_backend, sagemaker_pipelines, shapes
+from pipelines.local.api.protocol import NO_CACHE_HEADER, Request, Response
 from pipelines.local.api.shapes import ApiError
-from pipelines.local.store import LOCAL_ACCOUNT
+from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION
 
 logger = logging.getLogger(__name__)
 
@@ -116,15 +116,15 @@ def _error(exc: ApiError, request_id: str) -> Response:
 
 
 @cache
-def _client() -> sagemaker_client.LocalSageMakerClient:
-    return sagemaker_client.LocalSageMakerClient()
+def _client() -> sagemaker_backend.SageMakerBackend:
+    return sagemaker_backend.SageMakerBackend()
 
 
 @cache
 def client_operations() -> frozenset[str]:
-    """The SageMaker operations LocalSageMakerClient implements (its methods named as boto3 names them)."""
+    """The SageMaker operations SageMakerBackend implements (its methods named as boto3 names them)."""
     names = shapes.service_model(SERVICE).operation_names
-    return frozenset(op for op in names if callable(getattr(sagemaker_client.LocalSageMakerClient, xform_name(op),
+    return frozenset(op for op in names if callable(getattr(sagemaker_backend.SageMakerBackend, xform_name(op),
                                                             None)))
 
 
@@ -133,7 +133,7 @@ def served_operations() -> frozenset[str]:
 
 
 def _call_client(operation: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Call LocalSageMakerClient; its ClientError becomes the same error on the wire."""
+    """Call SageMakerBackend; its ClientError becomes the same error on the wire."""
     method: Callable[..., dict[str, Any]] = getattr(_client(), xform_name(operation))
     try:
         if operation in ASYNC_DEPLOYS:
@@ -172,7 +172,7 @@ def _answer_early(operation: str, method: Callable[..., dict[str, Any]], params:
     if "result" in outcome:
         return dict(outcome["result"])
     logger.info("%s %s: deploy goes on in the background", operation, params.get("EndpointName"))
-    return {"EndpointArn": sagemaker_client.endpoint_arn(params["EndpointName"])}
+    return {"EndpointArn": sagemaker_backend.endpoint_arn(params["EndpointName"])}
 
 
 def _tags(operation: str, params: dict[str, Any], ctx: sagemaker_pipelines.Context) -> dict[str, Any]:
@@ -186,56 +186,54 @@ def _tags(operation: str, params: dict[str, Any], ctx: sagemaker_pipelines.Conte
     return _call_client(operation, params)
 
 
+def _package_state(arn: str) -> dict[str, Any]:
+    return _call_client("DescribeModelPackage", {"ModelPackageName": arn})
+
+
+def _emit_state_change(described: dict[str, Any], ctx: sagemaker_pipelines.Context) -> None:
+    """SageMaker's "Model Package State Change" event to EventBridge (rules, e.g. the approval -> deploy rule)."""
+    from pipelines.local.api import events
+
+    event = events.model_package_state_change_event(described, account=LOCAL_ACCOUNT, region=LOCAL_REGION)
+    delivered = events.emit(event, service_url=ctx.service_url)
+    logger.info("%s %s: state change event delivered to %s", described.get("ModelPackageArn"),
+                described.get("ModelApprovalStatus"), delivered or "no target")
+
+
+def _model_package_operation(operation: str, params: dict[str, Any],
+                             ctx: sagemaker_pipelines.Context) -> dict[str, Any]:
+    """Create/UpdateModelPackage, then the state change event as SageMaker sends it: on creation, and on an
+    update that changes the approval status."""
+    before = _package_state(params["ModelPackageArn"]) if operation == "UpdateModelPackage" else None
+    result = _call_client(operation, params)
+    after = _package_state(result["ModelPackageArn"])
+    if before is None or before.get("ModelApprovalStatus") != after.get("ModelApprovalStatus"):
+        _emit_state_change(after, ctx)
+    return result
+
+
 def _dispatch(operation: str, params: dict[str, Any], ctx: sagemaker_pipelines.Context) -> dict[str, Any]:
     if operation in sagemaker_pipelines.PIPELINE_TAG_OPERATIONS:
         return _tags(operation, params, ctx)
     if operation in sagemaker_pipelines.OPERATIONS:
         return sagemaker_pipelines.OPERATIONS[operation](params, ctx)
+    if operation in ("CreateModelPackage", "UpdateModelPackage"):
+        return _model_package_operation(operation, params, ctx)
     return _call_client(operation, params)
 
 
-def _operation(request: Request) -> str:
-    target = request.header("X-Amz-Target") or ""
-    prefix, _, operation = target.partition(".")
-    if request.method != "POST" or prefix != TARGET_PREFIX or not operation:
-        raise ApiError("UnknownOperationException", f"No SageMaker operation for {request.method} {request.path} "
-                                                    f"with X-Amz-Target {target or '(none)'}.")
-    if shapes.operation_model(SERVICE, operation) is None:
-        raise ApiError("UnknownOperationException", f"SageMaker has no operation {operation}.")
-    if operation not in served_operations():
-        raise ApiError("UnknownOperationException", f"The local SageMaker service does not implement {operation} "
-                                                    "(it serves pipelines, executions, the engine's jobs, models, "
-                                                    "endpoint configs, endpoints, the model registry and tags).")
-    return operation
-
-
-def _params(request: Request) -> dict[str, Any]:
-    try:
-        params = request.json()
-    except ValueError as exc:
-        raise ApiError("SerializationException", f"The request body is not valid JSON: {exc}") from exc
-    if not isinstance(params, dict):
-        raise ApiError("SerializationException", "The request body must be a JSON object.")
-    return params
-
-
-def _service_url(request: Request) -> str:
-    host = request.header("Host")
-    if host:
-        return f"http://{host}"
-    from pipelines.local.api import server
-
-    running = server.status()
-    return str(running["url"]) if running else "http://127.0.0.1"
-
-
 def _api(request: Request, request_id: str) -> Response:
-    operation = _operation(request)
+    operation = shapes.json_target_operation(
+        request, service=SERVICE, prefix=TARGET_PREFIX, served=served_operations(), title="SageMaker",
+        serves="pipelines, executions, the engine's jobs, models, endpoint configs, endpoints, the model registry "
+               "and tags")
     model = shapes.operation_model(SERVICE, operation)
     assert model is not None
-    params = shapes.parse_input(model.input_shape, _params(request))
+    params = shapes.parse_input(model.input_shape, shapes.json_params(request))
     shapes.validate(model.input_shape, params)
-    result = _dispatch(operation, params, sagemaker_pipelines.Context(service_url=_service_url(request)))
+    no_cache = (request.header(NO_CACHE_HEADER) or "").lower() == "true"
+    ctx = sagemaker_pipelines.Context(service_url=request.service_url(), no_cache=no_cache)
+    result = _dispatch(operation, params, ctx)
     body = shapes.shape_output(model.output_shape, result) if model.output_shape is not None else {}
     logger.debug("%s answered", operation)
     return Response.json(body or {}, headers={"x-amzn-RequestId": request_id})
@@ -246,16 +244,6 @@ def handle(request: Request) -> Response:
     match = RUNTIME_PATH.match(request.path)
     if match and request.method == "POST":
         return invoke_endpoint(request, match.group(1))
-    request_id = str(uuid.uuid4())
-    try:
-        return _api(request, request_id)
-    except ApiError as exc:
-        if exc.status >= 500:
-            logger.warning("%s: %s %s", request.header("X-Amz-Target"), exc.code, exc.message)
-        return _error(exc, request_id)
-    except BodyTooLarge:
-        raise
-    except Exception as exc:  # noqa: BLE001 -- a bug here is the service's InternalFailure, not a dropped connection
-        logger.exception("%s failed", request.header("X-Amz-Target"))
-        return _error(ApiError("InternalFailure", f"The local SageMaker service failed: {type(exc).__name__}: {exc}",
-                               500), request_id)
+    return shapes.answer(request, lambda request_id: _api(request, request_id), _error,
+                         internal_code="InternalFailure", title="SageMaker")
+

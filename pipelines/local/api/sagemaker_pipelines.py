@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from pipelines import arns
-from pipelines.local import engine, resolver, sagemaker_client
+from pipelines.local import engine, resolver
+from pipelines.local.api import sagemaker_backend
 from pipelines.local.api.shapes import ApiError, epoch, paginate, validation_error
 from pipelines.local.executions import ExecutionStore, execution_arn
 from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION, LOCAL_ROLE_ARN, ArtifactStore, mlops_home, runs_dir
@@ -64,7 +65,7 @@ SCHEMA = (
         created REAL NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS sm_pipeline_execution_tokens ON sm_pipeline_executions (pipeline_name, client_token)",
 )
-_ALL_SCHEMA = SCHEMA + sagemaker_client.SCHEMA  # tags live in the client's sm_tags
+_ALL_SCHEMA = SCHEMA + sagemaker_backend.SCHEMA  # tags live in the client's sm_tags
 
 ALREADY_EXISTS = ("Pipeline names must be unique within an AWS account and region. Pipeline with name ({name}) "
                   "already exists.")
@@ -80,6 +81,7 @@ class Context:
     """What an operation knows about the request besides its parameters."""
 
     service_url: str  # this service's URL, as the client reached it (jobs and Lambda calls are pointed at it)
+    no_cache: bool = False  # the request's ``x-mlops-no-cache`` header (protocol.NO_CACHE_HEADER)
 
 
 Operation = Callable[[dict[str, Any], Context], dict[str, Any]]
@@ -426,7 +428,7 @@ def start_pipeline_execution(params: dict[str, Any], ctx: Context) -> dict[str, 
         if earlier is not None:
             return {"PipelineExecutionArn": execution_arn(row["name"], earlier)}
         with _records() as records:
-            execution = records.create_execution(row["name"], definition, parameters)
+            execution = records.create_execution(row["name"], definition, parameters, no_cache=ctx.no_cache)
         _record_start(execution, params, version)
     parallelism = params.get("ParallelismConfiguration") or _loads(row["parallelism"])
     _spawn(execution["execution_id"], "start", ctx, parallelism)

@@ -2,7 +2,8 @@
 
 One port on 127.0.0.1 for every service. A request is routed by the service of its SigV4 credential scope
 (``Credential=<key>/<date>/<region>/<service>/aws4_request``): ``s3``, ``sagemaker`` (the SageMaker API, and the
-SageMaker runtime's ``/endpoints/{name}/invocations``, which signs as ``sagemaker`` too), ``lambda``, ``sts``.
+SageMaker runtime's ``/endpoints/{name}/invocations``, which signs as ``sagemaker`` too), ``lambda``, ``sts``,
+``events`` (EventBridge).
 Unsigned requests and requests signed with another access key than the local one (env ``MLOPS_ACCESS_KEY_ID``,
 default ``local``) are refused with 403; signatures themselves are not verified (there is no secret to protect on
 loopback, only mistakes to catch: a client still pointed at real credentials).
@@ -36,9 +37,10 @@ logger = logging.getLogger("pipelines.local.api")
 
 DEFAULT_ACCESS_KEY = "local"
 STATE_FILE = "server.json"
+SDK_CONFIG_FILE = "sagemaker-config.yaml"
 LOOPBACK = "127.0.0.1"
 #: SigV4 service name -> module with ``handle(request) -> Response``.
-SERVICES = {"s3": "s3", "sagemaker": "sagemaker", "lambda": "lambda_", "sts": "sts"}
+SERVICES = {"s3": "s3", "sagemaker": "sagemaker", "lambda": "lambda_", "sts": "sts", "events": "events"}
 
 
 def access_key() -> str:
@@ -258,17 +260,42 @@ def down(timeout: float = 15.0) -> bool:
     return True
 
 
+def sdk_config_path() -> Path:
+    """The SageMaker Python SDK defaults file of the local service (``SAGEMAKER_USER_CONFIG_OVERRIDE``)."""
+    return state_path().with_name(SDK_CONFIG_FILE)
+
+
+def write_sdk_config() -> Path:
+    """The SDK's own defaults file, naming the local default bucket ``sagemaker-<region>-<account>``: the SDK asks
+    STS for the account at a hard-coded regional STS URL (``sagemaker.session.generate_default_sagemaker_bucket_name``
+    passes ``endpoint_url``, which wins over ``AWS_ENDPOINT_URL``), and with its default bucket configured it does
+    not ask. Telemetry off: its requests go to a public URL, with no timeout."""
+    from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION
+
+    path = sdk_config_path()
+    text = ("SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n"
+            f"      Session:\n        DefaultS3Bucket: sagemaker-{LOCAL_REGION}-{LOCAL_ACCOUNT}\n")
+    if not path.is_file() or path.read_text() != text:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path
+
+
 def client_environment(url: str) -> dict[str, str]:
-    """The environment that points every AWS client (and every job) at the local service."""
+    """The environment that points every AWS client (and every job) at the local service: the endpoint URL, the
+    local credentials and region, and the SageMaker SDK's defaults file (see :func:`write_sdk_config`)."""
     from pipelines.local.store import LOCAL_REGION
 
     return {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": access_key(), "AWS_SECRET_ACCESS_KEY": "local",
-            "AWS_DEFAULT_REGION": LOCAL_REGION, "AWS_REGION": LOCAL_REGION}
+            "AWS_DEFAULT_REGION": LOCAL_REGION, "AWS_REGION": LOCAL_REGION,
+            "SAGEMAKER_USER_CONFIG_OVERRIDE": str(sdk_config_path())}
 
 
 def serve(host: str, port: int) -> int:
     server = AwsHTTPServer((host, port), AwsRequestHandler)
     url = f"http://{host}:{server.server_address[1]}"
+    write_sdk_config()
     tmp = state_path().with_suffix(".tmp")
     tmp.write_text(json.dumps({"pid": os.getpid(), "port": server.server_address[1], "url": url}))
     tmp.replace(state_path())

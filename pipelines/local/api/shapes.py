@@ -21,7 +21,8 @@ import functools
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import botocore.session
@@ -47,6 +48,56 @@ class ApiError(Exception):
 
 def validation_error(message: str) -> ApiError:
     return ApiError("ValidationException", message)
+
+
+def answer(request: Any, api: Callable[[str], Any], error: Callable[[ApiError, str], Any], *,
+           internal_code: str, title: str) -> Any:
+    """``api(request_id)``'s response; an :class:`ApiError` becomes ``error(exc, request_id)``, the service's error
+    shape, and a bug the service's internal error (500) -- never a dropped connection. A body over the limit is
+    left to the server (413)."""
+    from pipelines.local.api.protocol import BodyTooLarge
+
+    request_id = str(uuid.uuid4())
+    try:
+        return api(request_id)
+    except ApiError as exc:
+        if exc.status >= 500:
+            logger.warning("%s %s: %s %s", request.method, request.path, exc.code, exc.message)
+        return error(exc, request_id)
+    except BodyTooLarge:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- a bug in one operation must not take the connection down
+        logger.exception("%s %s (%s) failed", request.method, request.path, request.header("X-Amz-Target"))
+        return error(ApiError(internal_code, f"The local {title} service failed: {type(exc).__name__}: {exc}", 500),
+                     request_id)
+
+
+def json_target_operation(request: Any, *, service: str, prefix: str, served: Collection[str], title: str,
+                          serves: str) -> str:
+    """The operation of a JSON 1.1 request (``X-Amz-Target: <prefix>.<Operation>``), or ``UnknownOperationException``
+    for one the service (``title``, e.g. ``EventBridge``) does not have or that is not served locally."""
+    target = request.header("X-Amz-Target") or ""
+    found, _, operation = target.partition(".")
+    if request.method != "POST" or found != prefix or not operation:
+        raise ApiError("UnknownOperationException", f"No {title} operation for {request.method} {request.path} "
+                                                    f"with X-Amz-Target {target or '(none)'}.")
+    if operation_model(service, operation) is None:
+        raise ApiError("UnknownOperationException", f"{title} has no operation {operation}.")
+    if operation not in served:
+        raise ApiError("UnknownOperationException", f"The local {title} service does not implement {operation} "
+                                                    f"(it serves {serves}).")
+    return operation
+
+
+def json_params(request: Any) -> dict[str, Any]:
+    """The JSON object of a request body (``SerializationException`` when it is not one)."""
+    try:
+        params = request.json()
+    except ValueError as exc:
+        raise ApiError("SerializationException", f"The request body is not valid JSON: {exc}") from exc
+    if not isinstance(params, dict):
+        raise ApiError("SerializationException", "The request body must be a JSON object.")
+    return params
 
 
 @functools.cache

@@ -1,4 +1,7 @@
-"""``LocalSageMakerClient``: the part of boto3's SageMaker client the deploy code uses, backed by the local engine.
+"""``SageMakerBackend``: what the local SageMaker service (:mod:`.sagemaker`) answers for models, endpoint configs,
+endpoints, the model registry and tags. Nothing outside the service calls it as a client: the project's code, the
+deploy function and users' code all reach it through boto3 and the wire (``AWS_ENDPOINT_URL``); its methods are named
+as boto3 names the operations, and the service dispatches each operation it serves to the method of that name.
 
 Same call style (keyword arguments only), same request validation (botocore's ``ParamValidator`` on the service
 model's input shapes, raising ``botocore.exceptions.ParamValidationError``), response dicts shaped like SageMaker's
@@ -189,7 +192,7 @@ def _interrupted_outcome(row: dict[str, Any], op: dict[str, Any] | None) -> tupl
         "starts this configuration again.")
 
 
-class LocalSageMakerClient:
+class SageMakerBackend:
     """A local stand-in for ``boto3.client("sagemaker")`` (the methods of docs/CONTRACTS.md §8 and a few more)."""
 
     def __init__(self, *, startup_timeout: float = endpoints.DEFAULT_STARTUP_TIMEOUT_S) -> None:
