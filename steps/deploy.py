@@ -150,7 +150,9 @@ def deploy_latest_approved(
         message = (f"Creating endpoint {endpoint_name!r} with {package_arn} (version {version}) on "
                    f"{initial_instance_count} x {instance_type}, config {config_name!r}{recreated}.")
     else:
-        previous = _update_endpoint(sm_client, endpoint, config_name, tags)
+        previous, raced = _update_endpoint(sm_client, endpoint, config_name, tags)
+        if raced is not None:
+            return _joined(sm_client, raced, package_arn)
         status = STATUS_UPDATED
         message = (f"Updating endpoint {endpoint_name!r} (blue/green) from {previous or 'an unknown model'} to "
                    f"{package_arn} (version {version}), config {config_name!r}.")
@@ -492,27 +494,38 @@ def _create_endpoint(sm_client: Any, endpoint_name: str, config_name: str,
 
 
 def _joined(sm_client: Any, endpoint: Mapping[str, Any], package_arn: str) -> dict[str, Any]:
-    """The result when another invocation created the endpoint first: ``NoChange`` if it deploys ``package_arn``."""
+    """The result when another invocation created or updated the endpoint first: ``NoChange`` if it deploys
+    ``package_arn``."""
     no_change = _no_change_or_raise(sm_client, endpoint, package_arn)
     if no_change is None:
-        raise EndpointBusyError(f"Endpoint {endpoint['EndpointName']!r} was created concurrently with another "
-                                f"model; retry to deploy {package_arn}.")
+        raise EndpointBusyError(f"Endpoint {endpoint['EndpointName']!r} was created or updated concurrently with "
+                                f"another model; retry to deploy {package_arn}.")
     return no_change
 
 
 def _update_endpoint(sm_client: Any, endpoint: Mapping[str, Any], config_name: str,
-                     tags: list[dict[str, str]]) -> str | None:
-    """Blue/green ``UpdateEndpoint`` to ``config_name``; returns the package served before."""
+                     tags: list[dict[str, str]]) -> tuple[str | None, dict[str, Any] | None]:
+    """Blue/green ``UpdateEndpoint`` to ``config_name``; returns ``(package served before, None)``, or ``(None, the
+    endpoint)`` when another invocation started an update first (the approval event and the pipeline's LambdaStep
+    both deploy a package registered as Approved)."""
     previous = package_of_config(sm_client, endpoint.get("EndpointConfigName"))
-    sm_client.update_endpoint(
-        EndpointName=endpoint["EndpointName"],
-        EndpointConfigName=config_name,
-        # Use the instance type/count of the new config rather than the live fleet's.
-        RetainAllVariantProperties=False,
-        DeploymentConfig=BLUE_GREEN_DEPLOYMENT_CONFIG,
-    )
+    try:
+        sm_client.update_endpoint(
+            EndpointName=endpoint["EndpointName"],
+            EndpointConfigName=config_name,
+            # Use the instance type/count of the new config rather than the live fleet's.
+            RetainAllVariantProperties=False,
+            DeploymentConfig=BLUE_GREEN_DEPLOYMENT_CONFIG,
+        )
+    except ClientError:
+        current = _describe_endpoint(sm_client, endpoint["EndpointName"])
+        if current is None or current.get("EndpointStatus") not in _IN_PROGRESS:
+            raise
+        logger.info("Endpoint %s is being updated concurrently (%s)", endpoint["EndpointName"],
+                    current.get("EndpointStatus"))
+        return None, current
     sm_client.add_tags(ResourceArn=endpoint["EndpointArn"], Tags=tags)
-    return previous
+    return previous, None
 
 
 def _check_outcome(described: Mapping[str, Any], config_name: str, package_arn: str) -> None:

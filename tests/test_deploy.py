@@ -166,6 +166,37 @@ def test_first_approval_creates_the_endpoint(aws, monkeypatch):
     assert tags[deploy.TAG_MODEL_PACKAGE_ARN] == arn
 
 
+def test_an_update_another_invocation_started_first_is_joined(aws, monkeypatch):
+    """A package registered as Approved is deployed twice at once: by the approval event and by the pipeline's
+    LambdaStep. The one whose UpdateEndpoint loses ("Cannot update in-progress endpoint") sees the endpoint Updating
+    towards the same package: NoChange, not a failed step."""
+    client, updates = aws
+    v1 = register(client)
+    set_status(client, v1, "Approved")
+    assert deploy.handle_event(_sample_event("approved", 1), client, env=ENV)["status"] == "Created"
+    v2 = register(client)
+    set_status(client, v2, "Approved")
+    real_describe = client.describe_endpoint
+    first: list[dict] = []
+
+    def describe_then_race(**kwargs):
+        described = real_describe(**kwargs)
+        if not first:  # after this invocation looked, the other one updates the endpoint to the same package
+            first.append(described)
+            other_client = boto3.client("sagemaker", region_name=REGION)
+            other_client.meta.events.register("before-call.sagemaker.UpdateEndpoint", updates._update_endpoint)
+            other = deploy.handle_event(_sample_event("approved", 2), other_client, env=ENV)
+            assert other["status"] == "Updated"
+        return described
+
+    monkeypatch.setattr(client, "describe_endpoint", describe_then_race)
+    result = deploy.handle_event(_sample_event("approved", 2), client, env=ENV)
+
+    assert (result["status"], result["endpoint_status"]) == ("NoChange", "Updating")
+    assert result["model_package_arn"] == v2
+    assert [r["EndpointConfigName"] for r in updates.requests].count(updates.requests[-1]["EndpointConfigName"]) == 2
+
+
 def test_second_approval_updates_blue_green_and_repeat_is_a_no_op(aws):
     client, updates = aws
     v1 = register(client)
