@@ -64,6 +64,8 @@ class Request:
     rfile: IO[bytes]
     content_length: int
     scope: Scope
+    #: The URL the server listens on (it sets it): the service URL of a request without a ``Host`` header.
+    listen_url: str = "http://127.0.0.1"
     _consumed: bool = field(default=False, repr=False)
 
     @classmethod
@@ -110,12 +112,7 @@ class Request:
         """The URL this service was reached at (the ``Host`` header): what jobs and Lambda handlers it starts for
         this request are pointed at."""
         host = self.header("Host")
-        if host:
-            return f"http://{host}"
-        from pipelines.local.api import server
-
-        running = server.status()
-        return str(running["url"]) if running else f"http://{server.LOOPBACK}"
+        return f"http://{host}" if host else self.listen_url
 
     def drain(self) -> None:
         """Read what is left of the body, so the connection can be reused."""

@@ -117,7 +117,9 @@ class AwsRequestHandler(http.server.BaseHTTPRequestHandler):
             return None
         length = int(self.headers.get("Content-Length") or 0)
         rfile: Any = self._ContinueOnRead(self) if self._continue_pending else self.rfile
-        return Request(self.command, path, raw_path, query, self.headers, rfile, length, scope)
+        host, port = self.server.server_address[:2]
+        return Request(self.command, path, raw_path, query, self.headers, rfile, length, scope,
+                       listen_url=f"http://{host}:{port}")
 
     def _handle(self) -> None:
         request = self._request()
