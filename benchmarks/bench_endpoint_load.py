@@ -1,9 +1,9 @@
 """Local endpoint server under load and hostile clients (issue 11): bursts, idle/slow-loris connections, overload,
 shutdown. Loopback only; about a minute.
 
-Starts ``python -m pipelines.local.endpoint_server`` from ``--root`` (default: this checkout; point it at another
-checkout, e.g. ``git worktree add /tmp/before HEAD~1``, to measure an older server the same way) on a tiny model whose
-handler sleeps ``--work-ms`` per request, and measures, sampling the server's thread count throughout:
+Starts ``python -m pipelines.local.serving.endpoint_server`` from ``--root`` (default: this checkout; point it at
+another checkout, e.g. ``git worktree add /tmp/before HEAD~1``, to measure an older server the same way) on a tiny model
+whose handler sleeps ``--work-ms`` per request, and measures, sampling the server's thread count throughout:
 
 - ``burst``: ``--burst`` clients connect at once (a barrier) and POST one request each: connect and answer latency,
   statuses, resets/timeouts, how many waited >= 1 s (a dropped SYN is retransmitted after 1 s).
@@ -84,7 +84,7 @@ class Server:
         self.log = open(workdir / "server.log", "ab")  # noqa: SIM115 -- closed in stop()
         full_env = {**os.environ, **env, "SAGEMAKER_PROGRAM": "handler.py", "OMP_NUM_THREADS": "1",
                     "PYTHONPATH": str(root)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipelines.local.endpoint_server", "--port", "0",
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipelines.local.serving.endpoint_server", "--port", "0",
                                       "--model-dir", str(model), "--state-dir", str(self.state_dir), "--name", "bench"],
                                      cwd=root, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
         self.port = self._wait_ready()
@@ -274,7 +274,8 @@ def shutdown(root: Path, workdir: Path, env: dict[str, str]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", default=str(ROOT), help="checkout whose pipelines/local/endpoint_server.py runs")
+    parser.add_argument("--root", default=str(ROOT),
+                        help="checkout whose pipelines/local/serving/endpoint_server.py runs")
     parser.add_argument("--burst", type=int, default=200)
     parser.add_argument("--idle", type=int, default=200)
     parser.add_argument("--loris", type=int, default=100)

@@ -28,7 +28,7 @@ from typing import Any
 from rich.console import Console
 
 from pipelines import sample_data
-from pipelines.local.store import mlops_home
+from pipelines.local.storage.store import mlops_home
 
 console = Console()
 logger = logging.getLogger("pipelines.demo")

@@ -212,7 +212,7 @@ DEBUGGER_COLLECTIONS = {
 }
 # Rule parameters: only the names AWS documents for each built-in rule ("List of Debugger built-in rules",
 # docs.aws.amazon.com/sagemaker/latest/dg/debugger-built-in-rules.html); the local engine reads the same names
-# from the definition (pipelines/local/rules.py). smdebug_rulesconfig carries the rules' names, collections and
+# from the definition (pipelines/local/debugger/rules.py). smdebug_rulesconfig carries the rules' names, collections and
 # ``rule_to_invoke`` but not their parameter lists. Overfit takes ``patience``; ``patience_train`` and
 # ``patience_validation`` are Overtraining's.
 DEBUGGER_RULES: dict[str, tuple[Any, dict[str, str], tuple[str, ...]]] = {

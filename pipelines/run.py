@@ -12,7 +12,7 @@ Both targets are one code path: the CLI uploads the content-addressed code bundl
 (``pipelines.packaging``), builds the definition with no AWS call, and talks to the service through boto3 only --
 SageMaker's endpoints, or (``--target local``) the local AWS service on 127.0.0.1 (:mod:`pipelines.local.api`),
 started on demand. On the local target ``upsert`` and ``start`` first create what ``infra/template.yaml`` creates on
-AWS (the bucket, the deploy Lambda, the approval rule; :mod:`pipelines.local.stack`), and ``start`` upserts the
+AWS (the bucket, the deploy Lambda, the approval rule; :mod:`pipelines.local.api.stack`), and ``start`` upserts the
 checked-out definition before starting it.
 """
 
@@ -217,7 +217,7 @@ def build_definition_json(settings: Settings, upload: Callable[[str, bytes], Non
 
 def local_settings(args: argparse.Namespace) -> Settings:
     """Settings of a local definition (CONTRACTS §9): fixed bucket, region, role and deploy function."""
-    from pipelines.local.store import DEPLOY_FUNCTION_ARN, LOCAL_BUCKET, LOCAL_REGION, LOCAL_ROLE_ARN
+    from pipelines.local.storage.store import DEPLOY_FUNCTION_ARN, LOCAL_BUCKET, LOCAL_REGION, LOCAL_ROLE_ARN
 
     settings = resolve_settings(args, env={})
     settings.region, settings.role_arn, settings.bucket = LOCAL_REGION, LOCAL_ROLE_ARN, LOCAL_BUCKET
@@ -519,9 +519,9 @@ def _no_cache_header(request: Any, **_kwargs: Any) -> None:
 def ensure_local_stack(clients: AwsClients, settings: Settings, args: argparse.Namespace) -> None:
     """What ``infra/template.yaml`` creates on AWS, created the same way here (through the APIs): the artifact
     bucket, the deploy function (steps/deploy.py, created with Lambda's CreateFunction) and the EventBridge rule that
-    sends the group's approval changes to it (:mod:`pipelines.local.stack`). The function manages the endpoint
+    sends the group's approval changes to it (:mod:`pipelines.local.api.stack`). The function manages the endpoint
     ``start --param EndpointName=...`` names (as the template's ``EndpointName`` parameter would)."""
-    from pipelines.local import stack
+    from pipelines.local.api import stack
 
     endpoint = next((p["Value"] for p in getattr(args, "parameters", None) or [] if p["Name"] == "EndpointName"), None)
     stack.ensure_all(clients, settings.bucket, settings.model_package_group_name, endpoint_name=endpoint)
@@ -530,7 +530,7 @@ def ensure_local_stack(clients: AwsClients, settings: Settings, args: argparse.N
 def run_local(args: argparse.Namespace, clients: AwsClients | None = None) -> int:
     """The local target: the SageMaker target's code against the local AWS service, plus its own commands."""
     if args.command in LOCAL_COMMANDS:
-        from pipelines.local import cli as local_cli
+        from pipelines.local.cli import commands as local_cli
 
         return int(local_cli.dispatch(args) or 0)
     settings = local_settings(args)
@@ -601,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list-executions", help="most recent executions first")
     listing.add_argument("--max-results", type=int, default=20)
     try:
-        from pipelines.local import cli as local_cli
+        from pipelines.local.cli import commands as local_cli
     except ImportError as exc:
         logger.debug("local engine commands unavailable: %s", exc)
     else:

@@ -21,7 +21,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_ROLE_ARN
+from pipelines.local.storage.store import LOCAL_ACCOUNT, LOCAL_ROLE_ARN
 
 pytest.importorskip("awscli")
 

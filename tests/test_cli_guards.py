@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipelines import run
-from pipelines.local import gc
-from pipelines.local.executions import ExecutionStore
+from pipelines.local.storage import gc
+from pipelines.local.storage.executions import ExecutionStore
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_gc_removes_old_finished_runs_only(home, capsys):
 
 @pytest.mark.fast
 def test_endpoint_server_log_is_rotated_at_restart(tmp_path):
-    from pipelines.local.endpoints import rotate_log
+    from pipelines.local.serving.endpoints import rotate_log
 
     log = tmp_path / "server.log"
     for generation in range(5):

@@ -1,4 +1,4 @@
-"""Debugger hook config + local built-in rules (pipelines/local/debugger.py, pipelines/local/rules.py).
+"""Debugger hook config + local built-in rules (pipelines/local/debugger/hooks.py, pipelines/local/debugger/rules.py).
 
 The tensors come from real training processes: a tiny torch loop that creates its hook exactly as
 ``training/train.py`` does (``smdebug.pytorch.Hook.create_from_json_file`` with the config written by
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.local import debugger
-from pipelines.local.rules import RuleParameterError, low_gpu_utilization
+from pipelines.local.debugger import hooks as debugger
+from pipelines.local.debugger.rules import RuleParameterError, low_gpu_utilization
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,9 @@ from smdebug_rulesconfig.debugger_rules._utils import _get_rule_config
 
 from pipelines import arns, packaging
 from pipelines import pipeline as pl
-from pipelines.local import jobs, rules, tuner
+from pipelines.local.debugger import rules
+from pipelines.local.engine import tuner
+from pipelines.local.jobs import runtime as jobs
 from training.metrics import METRIC_DEFINITIONS, format_epoch_metrics
 
 pytestmark = pytest.mark.fast
@@ -139,7 +141,7 @@ def test_unknown_region_and_bad_arn():
 
 
 def test_local_engine_arns_are_built_by_arns():
-    from pipelines.local import store
+    from pipelines.local.storage import store
 
     assert store.LOCAL_ROLE_ARN == arns.iam_role_arn(store.LOCAL_REGION, store.LOCAL_ACCOUNT,
                                                      "MLOpsLocalExecutionRole")

@@ -31,7 +31,7 @@ import pytest
 from test_local_endpoints import HANDLER_ENV, tiny_model
 
 from inference import inference as project_handler
-from pipelines.local import endpoint_server, endpoints
+from pipelines.local.serving import endpoint_server, endpoints
 
 WORKERS, QUEUE = 2, 2
 TIMEOUT_S = 1.0  # header, body and keep-alive timeout of the shared server

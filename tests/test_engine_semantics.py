@@ -64,8 +64,8 @@ print("epoch=1 valid_accuracy=0.5000;", flush=True)
 DRIVER = '''
 import json, os, sys, time
 from pathlib import Path
-from pipelines.local.engine import LocalEngine
-import pipelines.local.tuner  # imported up front (optuna: ~1 s), so that two drivers reach its storage together
+from pipelines.local.engine.core import LocalEngine
+import pipelines.local.engine.tuner  # imported up front (optuna: ~1 s), so that two drivers reach its storage together
 definition = Path(sys.argv[1]).read_text()
 execution_id = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] else None
 if len(sys.argv) > 3:
@@ -151,7 +151,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh ``MLOPS_HOME`` whose artifact store holds ``WORK`` (code prefix and training bundle) and data."""
     home = tmp_path / "home"
     monkeypatch.setenv("MLOPS_HOME", str(home))
-    from pipelines.local.store import ArtifactStore
+    from pipelines.local.storage.store import ArtifactStore
 
     store = ArtifactStore(home / "artifacts")  # creates no database: the home stays fresh for the engines
     store.put_bytes(f"{BASE}/code/work.py", WORK.encode())
@@ -170,7 +170,7 @@ def _driver_env() -> dict[str, str]:
 
 
 def _engine(definition: str) -> Any:
-    from pipelines.local.engine import LocalEngine
+    from pipelines.local.engine.core import LocalEngine
 
     return LocalEngine(definition, pipeline_name=PIPELINE, max_workers=1)
 
@@ -230,7 +230,7 @@ def _processes_of(home: Path) -> list[int]:
 # --- 1. stop and cache ------------------------------------------------------------------------------------------
 
 def test_stopped_job_is_stopped_every_time_and_never_reused_from_the_cache(home, tmp_path):
-    from pipelines.local.executions import ExecutionStore
+    from pipelines.local.storage.executions import ExecutionStore
 
     control = tmp_path / "control"
     (control / "sleep").touch()
@@ -309,8 +309,8 @@ def test_start_no_cache_reaches_the_engine_as_the_local_services_header(local_aw
     """``start --no-cache`` (local target) is the local service's one extension: a header on
     StartPipelineExecution, which the execution record keeps; the global ``--no-cache`` stays off."""
     from pipelines import run
-    from pipelines.local.executions import ExecutionStore
-    from pipelines.local.store import LOCAL_ROLE_ARN
+    from pipelines.local.storage.executions import ExecutionStore
+    from pipelines.local.storage.store import LOCAL_ROLE_ARN
 
     args = run.build_parser().parse_args(["start", "--no-cache"])
     assert args.start_no_cache is True and args.no_cache is False
@@ -325,7 +325,7 @@ def test_start_no_cache_reaches_the_engine_as_the_local_services_header(local_aw
 
 
 def test_concurrent_writers_of_one_artifact_never_collide(home):
-    from pipelines.local.store import ArtifactStore
+    from pipelines.local.storage.store import ArtifactStore
 
     store = ArtifactStore()
     errors: list[BaseException] = []
@@ -399,9 +399,10 @@ def test_processing_step_stops_at_its_max_runtime_with_sagemakers_reason(home, t
 
 
 def test_training_job_and_tuning_trial_stop_at_their_max_runtime(home, tmp_path):
-    from pipelines.local import jobs, tuner
-    from pipelines.local.executions import ExecutionStore
-    from pipelines.local.store import ArtifactStore
+    from pipelines.local.engine import tuner
+    from pipelines.local.jobs import runtime as jobs
+    from pipelines.local.storage.executions import ExecutionStore
+    from pipelines.local.storage.store import ArtifactStore
 
     control = tmp_path / "control"
     (control / "sleep").touch()

@@ -20,9 +20,11 @@ import pytest
 from botocore.validate import ParamValidator
 
 from pipelines import sample_data
-from pipelines.local import cli_models, endpoints, registry
 from pipelines.local.api.sagemaker_backend import SageMakerBackend
-from pipelines.local.store import ArtifactStore
+from pipelines.local.cli import models as cli_models
+from pipelines.local.serving import endpoints
+from pipelines.local.storage import registry
+from pipelines.local.storage.store import ArtifactStore
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,8 +18,8 @@ import tarfile
 import pytest
 
 from pipelines import sample_data
-from pipelines.local.resolver import decode_hyperparameter
-from pipelines.local.store import ArtifactStore
+from pipelines.local.engine.resolver import decode_hyperparameter
+from pipelines.local.storage.store import ArtifactStore
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def runs(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("MLOPS_HOME", "MLOPS_TUNER_SEED", "MLOPS_MAX_WORKERS")}
     os.environ.update({"MLOPS_HOME": str(home), "MLOPS_TUNER_SEED": "0", "MLOPS_MAX_WORKERS": "2"})
     try:
-        from pipelines.local.executions import ExecutionStore
+        from pipelines.local.storage.executions import ExecutionStore
 
         records = ExecutionStore()
         passed = _start(**PARAMS, InputDataUrl=str(data), AccuracyThreshold="0")
@@ -67,7 +67,7 @@ def runs(tmp_path_factory):
                "second": second}
     finally:
         try:
-            from pipelines.local import endpoints
+            from pipelines.local.serving import endpoints
 
             endpoints.delete(ENDPOINT)
         except Exception:  # noqa: BLE001 -- nothing deployed
@@ -141,7 +141,8 @@ def test_debugger_and_profiler_outputs_reach_the_definitions_s3_paths(runs):
 
 
 def test_model_registered_with_metrics_and_deployed_endpoint_answers(runs):
-    from pipelines.local import endpoints, registry
+    from pipelines.local.serving import endpoints
+    from pipelines.local.storage import registry
 
     steps = _steps(runs, "first")
     register = steps["RegisterModel-RegisterModel"]["properties"]

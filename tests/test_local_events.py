@@ -20,7 +20,7 @@ from cfnlint.decode import decode
 
 from pipelines import arns
 from pipelines.local.api import events
-from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION, LOCAL_ROLE_ARN
+from pipelines.local.storage.store import LOCAL_ACCOUNT, LOCAL_REGION, LOCAL_ROLE_ARN
 
 pytestmark = pytest.mark.fast
 

@@ -20,7 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, ParamValidationError
 
 from pipelines import arns
-from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION, LOCAL_ROLE_ARN
+from pipelines.local.storage.store import LOCAL_ACCOUNT, LOCAL_REGION, LOCAL_ROLE_ARN
 
 pytestmark = pytest.mark.fast
 

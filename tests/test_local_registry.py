@@ -9,9 +9,9 @@ import pytest
 from botocore.exceptions import ClientError, ParamValidationError
 from botocore.validate import ParamValidator
 
-from pipelines.local import registry
 from pipelines.local.api.sagemaker_backend import SageMakerBackend
-from pipelines.local.store import ArtifactStore
+from pipelines.local.storage import registry
+from pipelines.local.storage.store import ArtifactStore
 
 pytestmark = pytest.mark.fast
 

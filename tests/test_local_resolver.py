@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from pipelines.local import engine, resolver
-from pipelines.local.executions import parse_iso_duration
+from pipelines.local.engine import core as engine
+from pipelines.local.engine import resolver
+from pipelines.local.storage.executions import parse_iso_duration
 
 pytestmark = pytest.mark.fast
 

@@ -27,7 +27,7 @@ from botocore.exceptions import ClientError
 from botocore.handlers import set_list_objects_encoding_type_url
 
 from pipelines.local.api import server
-from pipelines.local.store import ArtifactStore
+from pipelines.local.storage.store import ArtifactStore
 
 pytestmark = pytest.mark.fast
 

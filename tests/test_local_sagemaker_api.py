@@ -26,8 +26,8 @@ from botocore.exceptions import ClientError, ParamValidationError, WaiterError
 from botocore.validate import ParamValidator
 
 from pipelines.local.api import server
-from pipelines.local.executions import ExecutionStore
-from pipelines.local.store import LOCAL_ROLE_ARN
+from pipelines.local.storage.executions import ExecutionStore
+from pipelines.local.storage.store import LOCAL_ROLE_ARN
 
 pytestmark = pytest.mark.fast
 
@@ -528,10 +528,10 @@ def fake_endpoint(local_aws_env, tmp_path):
     (its command line names the endpoint server module, which is how a live server is recognized)."""
     import psutil
 
-    from pipelines.local import endpoints
-    from pipelines.local.store import connect
+    from pipelines.local.serving import endpoints
+    from pipelines.local.storage.store import connect
 
-    proc = subprocess.Popen([sys.executable, "-c", FAKE_ENDPOINT_SERVER, "pipelines.local.endpoint_server"],
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_ENDPOINT_SERVER, "pipelines.local.serving.endpoint_server"],
                             stdout=subprocess.PIPE, text=True)
     try:
         port = int(proc.stdout.readline())
@@ -563,7 +563,7 @@ def test_runtime_forwards_to_the_endpoint_server(fake_endpoint):
 
 
 def test_definition_from_s3_location(sm):
-    from pipelines.local.store import ArtifactStore
+    from pipelines.local.storage.store import ArtifactStore
 
     name = unique("s3def")
     ArtifactStore().put_bytes(f"s3://mlops-local/definitions/{name}.json", tiny_definition("from s3").encode())

@@ -1,4 +1,4 @@
-"""The local Profiler report (pipelines/local/profiler_report.py) and the ProfilerReport rule.
+"""The local Profiler report (pipelines/local/debugger/profiler_report.py) and the ProfilerReport rule.
 
 The report is rendered in headless Chromium (Playwright) to check that its plots are really there and visible.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.local import debugger
-from pipelines.local.profiler_report import load_profile, report_path, write_profiler_report
+from pipelines.local.debugger import hooks as debugger
+from pipelines.local.debugger.profiler_report import load_profile, report_path, write_profiler_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")

@@ -28,7 +28,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION, LOCAL_ROLE_ARN
+from pipelines.local.storage.store import LOCAL_ACCOUNT, LOCAL_REGION, LOCAL_ROLE_ARN
 
 SCRIPT = Path(__file__).resolve().parent / "data" / "user_pipeline" / "pipeline.py"
 #: The bucket the SDK's ``Session.default_bucket()`` derives: ``sagemaker-<region>-<account>``.

@@ -28,7 +28,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from pipelines.local import endpoints
+from pipelines.local.serving import endpoints
 from pipelines.sample_data import CLASSES, draw_sample, make_dataset
 from training.archives import safe_extract
 

@@ -25,12 +25,15 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.local import cli_models, endpoints, engine, registry, stack
-from pipelines.local.api import clients, server
+from pipelines.local.api import clients, server, stack
 from pipelines.local.api.sagemaker_backend import SageMakerBackend
-from pipelines.local.engine import LocalEngine
-from pipelines.local.executions import ExecutionStore
-from pipelines.local.store import DEPLOY_FUNCTION_ARN, LOCAL_ROLE_ARN, ArtifactStore
+from pipelines.local.cli import models as cli_models
+from pipelines.local.engine import core as engine
+from pipelines.local.engine.core import LocalEngine
+from pipelines.local.serving import endpoints
+from pipelines.local.storage import registry
+from pipelines.local.storage.executions import ExecutionStore
+from pipelines.local.storage.store import DEPLOY_FUNCTION_ARN, LOCAL_ROLE_ARN, ArtifactStore
 
 pytestmark = pytest.mark.fast
 

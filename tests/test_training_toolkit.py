@@ -1,7 +1,7 @@
 """Local training jobs run under SageMaker's own training toolkit (``train`` of the PyTorch training image).
 
 Tiny user scripts (no torch training) in a ``sourcedir.tar.gz`` built like the CLI's bundles, in the artifact store
-of a temporary ``MLOPS_HOME``, run through :func:`pipelines.local.jobs.run_training_job` as the engine's
+of a temporary ``MLOPS_HOME``, run through :func:`pipelines.local.jobs.runtime.run_training_job` as the engine's
 ``_step_training`` calls it. The probe script dumps its ``sys.argv``, interpreter and every ``SM_*`` variable; the
 expectation is computed by the toolkit itself (``Environment().to_env_vars()`` / ``to_cmd_args()`` for the same job
 dir), not written down here.
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.local import job_env, jobs
-from pipelines.local.store import ArtifactStore
+from pipelines.local.jobs import environment as job_env
+from pipelines.local.jobs import runtime as jobs
+from pipelines.local.storage.store import ArtifactStore
 from pipelines.packaging import deterministic_tar_gz
 
 BUCKET = "s3://mlops-local/toolkit-test"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pipelines.local import endpoints  # noqa: E402
 from pipelines.local.api import server  # noqa: E402
+from pipelines.local.serving import endpoints  # noqa: E402
 
 
 def _hang(*args: object, **kwargs: object) -> None:

@@ -7,7 +7,7 @@ that does not exist succeeds), ``EnableRule``, ``DisableRule``, ``PutTargets``, 
 ``RemoveTargets``, ``PutEvents`` and ``TestEventPattern``. Any other operation is ``UnknownOperationException``.
 Requests are validated against botocore's model and responses cut to the output shape (:mod:`.shapes`), errors are
 ``{"__type": code, "message": ...}`` -- the house way of :mod:`.sagemaker`. Rules and targets live in the engine's
-SQLite database (tables ``eb_rules``/``eb_targets``, through :func:`pipelines.local.store.transaction`).
+SQLite database (tables ``eb_rules``/``eb_targets``, through :func:`pipelines.local.storage.store.transaction`).
 
 Event patterns: :func:`matches` implements EventBridge's content filtering -- exact values (any of an array, numbers
 compared as numbers, event arrays matching when any element does), nested objects, ``prefix``, ``suffix`` (both also
@@ -47,11 +47,11 @@ from collections.abc import Callable
 from typing import Any
 
 from pipelines import arns
-from pipelines.local import store
 from pipelines.local.api import shapes
 from pipelines.local.api.protocol import Request, Response
 from pipelines.local.api.shapes import ApiError, validation_error
-from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION
+from pipelines.local.storage import store
+from pipelines.local.storage.store import LOCAL_ACCOUNT, LOCAL_REGION
 
 logger = logging.getLogger(__name__)
 

@@ -69,7 +69,7 @@ from pipelines import arns
 from pipelines.local.api import shapes
 from pipelines.local.api.protocol import CHUNK, MAX_JSON_BODY_BYTES, BodyTooLarge, Request, Response
 from pipelines.local.api.shapes import ApiError
-from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION, mlops_home
+from pipelines.local.storage.store import LOCAL_ACCOUNT, LOCAL_REGION, mlops_home
 from training import archives
 
 logger = logging.getLogger(__name__)

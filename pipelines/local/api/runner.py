@@ -23,8 +23,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pipelines.local.executions import TERMINAL_EXECUTION, ExecutionStore
-from pipelines.local.store import runs_dir
+from pipelines.local.storage.executions import TERMINAL_EXECUTION, ExecutionStore
+from pipelines.local.storage.store import runs_dir
 
 logger = logging.getLogger("pipelines.local.api.runner")
 
@@ -56,7 +56,7 @@ def _setup_logging(path: Path) -> None:
 
 def run(records: ExecutionStore, execution: dict[str, Any], mode: str) -> dict[str, Any]:
     """Run (``start``) or retry (``resume``) a recorded execution in this process; returns the final record."""
-    from pipelines.local.engine import LocalEngine
+    from pipelines.local.engine.core import LocalEngine
 
     execution_id = execution["execution_id"]
     engine = LocalEngine(execution["definition"], pipeline_name=execution["pipeline_name"], records=records)

@@ -1,8 +1,8 @@
 """S3 (REST-XML, path-style addressing) over the local artifact store.
 
 An object ``s3://<bucket>/<key>`` *is* the file ``$MLOPS_HOME/artifacts/<bucket>/<key>`` -- the same file the engine
-reads and writes through :class:`~pipelines.local.store.ArtifactStore` -- so there is one copy of the bytes and every
-file the engine writes under a bucket (whole output directories included) lists and reads as an object.
+reads and writes through :class:`~pipelines.local.storage.store.ArtifactStore` -- so there is one copy of the bytes and
+every file the engine writes under a bucket (whole output directories included) lists and reads as an object.
 
 What S3 keeps beside the bytes lives in SQLite (``mlops.db``, table ``s3_objects``): ETag, Content-Type and the other
 stored headers, ``x-amz-meta-*``, verified checksums, the multipart part count. A row is valid only while the file's
@@ -54,7 +54,7 @@ from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
 from pipelines.local.api.protocol import CHUNK, Request, Response
-from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION, ArtifactStore, connect, immediate, mlops_home
+from pipelines.local.storage.store import LOCAL_ACCOUNT, LOCAL_REGION, ArtifactStore, connect, immediate, mlops_home
 
 logger = logging.getLogger(__name__)
 

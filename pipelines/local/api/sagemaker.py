@@ -14,7 +14,7 @@ keys never leave) with timestamps as epoch seconds. Errors are ``{"__type": code
 (500 ``InternalFailure`` for a bug here), the form botocore's JSON parser reads.
 
 Served: pipelines, executions and the engine's jobs (:mod:`.sagemaker_pipelines`); models, endpoint configs,
-endpoints, model package groups and packages, tags (:class:`~pipelines.local.sagemaker_backend.SageMakerBackend`,
+endpoints, model package groups and packages, tags (:class:`~pipelines.local.api.sagemaker_backend.SageMakerBackend`,
 every method of it that is a SageMaker operation). ``CreateEndpoint``/``UpdateEndpoint`` answer once the deploy is
 under way (at most :data:`DEPLOY_ANSWER_S`), as SageMaker answers with the endpoint ``Creating``: the local deploy
 goes on in the service and ``DescribeEndpoint`` (or the ``EndpointInService`` waiter) shows when it is done.
@@ -35,11 +35,11 @@ from typing import Any
 from botocore import xform_name
 from botocore.exceptions import ClientError, ParamValidationError
 
-from pipelines.local import endpoints
 from pipelines.local.api import sagemaker_backend, sagemaker_pipelines, shapes
 from pipelines.local.api.protocol import NO_CACHE_HEADER, Request, Response
 from pipelines.local.api.shapes import ApiError
-from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION
+from pipelines.local.serving import endpoints
+from pipelines.local.storage.store import LOCAL_ACCOUNT, LOCAL_REGION
 
 logger = logging.getLogger(__name__)
 

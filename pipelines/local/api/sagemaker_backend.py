@@ -3,17 +3,17 @@ endpoints, the model registry and tags. Nothing outside the service calls it as 
 deploy function and users' code all reach it through boto3 and the wire (``AWS_ENDPOINT_URL``); its methods are named
 as boto3 names the operations, and the service dispatches each operation it serves to the method of that name.
 
-Same call style (keyword arguments only), same request validation (botocore's ``ParamValidator`` on the service
-model's input shapes, raising ``botocore.exceptions.ParamValidationError``), response dicts shaped like SageMaker's
-(including ``ResponseMetadata``) and failures as ``botocore.exceptions.ClientError`` with SageMaker's error codes and
-messages (``ValidationException`` ``Could not find endpoint "<arn>".``, ``Cannot create already existing model
-"<arn>".``...). Model packages live in :mod:`pipelines.local.registry`; models, endpoint configs, endpoints and tags
-in SQLite tables owned here (``sm_models``, ``sm_endpoint_configs``, ``sm_endpoints``, ``sm_tags``).
+Same call style (keyword arguments only), same request validation (botocore's ``ParamValidator`` on the service model's
+input shapes, raising ``botocore.exceptions.ParamValidationError``), response dicts shaped like SageMaker's (including
+``ResponseMetadata``) and failures as ``botocore.exceptions.ClientError`` with SageMaker's error codes and messages
+(``ValidationException`` ``Could not find endpoint "<arn>".``, ``Cannot create already existing model "<arn>".``...).
+Model packages live in :mod:`pipelines.local.storage.registry`; models, endpoint configs, endpoints and tags in SQLite
+tables owned here (``sm_models``, ``sm_endpoint_configs``, ``sm_endpoints``, ``sm_tags``).
 
-``create_endpoint``/``update_endpoint`` really deploy, through :mod:`pipelines.local.endpoints`: the call returns
-once the local server is up (or has failed), so ``describe_endpoint`` afterwards shows ``InService``, or ``Failed``
-with a ``FailureReason``. A failed update leaves the endpoint ``InService`` on its previous configuration with the
-``FailureReason`` set, as SageMaker's rollback does.
+ ``create_endpoint``/``update_endpoint`` really deploy, through :mod:`pipelines.local.serving.endpoints`: the call
+returns once the local server is up (or has failed), so ``describe_endpoint`` afterwards shows ``InService``, or
+``Failed`` with a ``FailureReason``. A failed update leaves the endpoint ``InService`` on its previous configuration
+with the ``FailureReason`` set, as SageMaker's rollback does.
 
 A deploy is recorded before it starts (``sm_endpoint_operations``: the target config and the pid of the deploying
 process, written in the same transaction as the ``Creating``/``Updating`` status). An endpoint left ``Creating`` or
@@ -42,9 +42,10 @@ import psutil
 from botocore.exceptions import ClientError
 from botocore.utils import parse_timestamp
 
-from pipelines.local import endpoints, registry
-from pipelines.local.registry import ARN_PREFIX, to_datetime, validate_request
-from pipelines.local.store import transaction
+from pipelines.local.serving import endpoints
+from pipelines.local.storage import registry
+from pipelines.local.storage.registry import ARN_PREFIX, to_datetime, validate_request
+from pipelines.local.storage.store import transaction
 
 logger = logging.getLogger(__name__)
 

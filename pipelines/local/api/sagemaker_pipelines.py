@@ -3,7 +3,7 @@ API (JSON 1.1) answers them. :mod:`pipelines.local.api.sagemaker` validates each
 shape and cuts each result down to the output shape; the functions here get validated ``params`` and return plain
 dicts (timestamps as epoch seconds), raising :class:`~pipelines.local.api.shapes.ApiError` for SageMaker's errors.
 
-State: the engine's own tables (:mod:`pipelines.local.executions`: ``executions``, ``steps``, ``trials``, and
+State: the engine's own tables (:mod:`pipelines.local.storage.executions`: ``executions``, ``steps``, ``trials``, and
 ``pipelines``, which the CLI's ``upsert`` writes) stay the truth about runs; what only the API knows lives here:
 
 - ``sm_pipelines`` / ``sm_pipeline_versions``: a pipeline's RoleArn, display name, description, parallelism, the
@@ -42,12 +42,20 @@ from pathlib import Path
 from typing import Any, cast
 
 from pipelines import arns
-from pipelines.local import engine, resolver
 from pipelines.local.api import sagemaker_backend
 from pipelines.local.api.shapes import ApiError, epoch, paginate, validation_error
-from pipelines.local.executions import ExecutionStore, execution_arn
-from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION, LOCAL_ROLE_ARN, ArtifactStore, mlops_home, runs_dir
-from pipelines.local.store import transaction as _transaction
+from pipelines.local.engine import core as engine
+from pipelines.local.engine import resolver
+from pipelines.local.storage.executions import ExecutionStore, execution_arn
+from pipelines.local.storage.store import (
+    LOCAL_ACCOUNT,
+    LOCAL_REGION,
+    LOCAL_ROLE_ARN,
+    ArtifactStore,
+    mlops_home,
+    runs_dir,
+)
+from pipelines.local.storage.store import transaction as _transaction
 
 logger = logging.getLogger(__name__)
 

@@ -178,7 +178,7 @@ class AwsRequestHandler(http.server.BaseHTTPRequestHandler):
 
 
 def state_path() -> Path:
-    from pipelines.local.store import mlops_home
+    from pipelines.local.storage.store import mlops_home
 
     path = mlops_home() / "api"
     path.mkdir(parents=True, exist_ok=True)
@@ -272,7 +272,7 @@ def write_sdk_config() -> Path:
     STS for the account at a hard-coded regional STS URL (``sagemaker.session.generate_default_sagemaker_bucket_name``
     passes ``endpoint_url``, which wins over ``AWS_ENDPOINT_URL``), and with its default bucket configured it does
     not ask. Telemetry off: its requests go to a public URL, with no timeout."""
-    from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION
+    from pipelines.local.storage.store import LOCAL_ACCOUNT, LOCAL_REGION
 
     path = sdk_config_path()
     text = ("SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n"
@@ -287,7 +287,7 @@ def write_sdk_config() -> Path:
 def client_environment(url: str) -> dict[str, str]:
     """The environment that points every AWS client (and every job) at the local service: the endpoint URL, the
     local credentials and region, and the SageMaker SDK's defaults file (see :func:`write_sdk_config`)."""
-    from pipelines.local.store import LOCAL_REGION
+    from pipelines.local.storage.store import LOCAL_REGION
 
     return {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": access_key(), "AWS_SECRET_ACCESS_KEY": "local",
             "AWS_DEFAULT_REGION": LOCAL_REGION, "AWS_REGION": LOCAL_REGION,

@@ -9,7 +9,7 @@ from xml.sax.saxutils import escape
 
 from pipelines import arns
 from pipelines.local.api.protocol import Request, Response
-from pipelines.local.store import LOCAL_ACCOUNT
+from pipelines.local.storage.store import LOCAL_ACCOUNT
 
 NAMESPACE = "https://sts.amazonaws.com/doc/2011-06-15/"
 

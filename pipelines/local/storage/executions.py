@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from pipelines.local import store
+from pipelines.local.storage import store
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS pipelines (

@@ -5,16 +5,16 @@ Each job gets a working directory standing in for the container's ``/opt/ml`` (`
 Training runs SageMaker's own training toolkit, as the PyTorch training image does: its command ``train``
 (``sagemaker_training.cli.train:main``) with ``SAGEMAKER_TRAINING_MODULE=sagemaker_pytorch_container.training:main``.
 The engine lays out what the platform provides -- ``input/config/{hyperparameters,inputdataconfig,resourceconfig}
-.json``, ``input/data/<channel>/``, ``model/``, ``output/data/``, the checkpoint dir -- and the toolkit does the
-rest exactly as in the container: reads the config (``SAGEMAKER_BASE_DIR`` = the job dir, the toolkit's own switch
-for "not /opt/ml"), pip-installs the bundle's ``requirements.txt``, sets every ``SM_*`` variable (``SM_TRAINING_ENV``
-with all its keys), runs ``python <sagemaker_program> --name value ...`` (its argv, sorted, JSON-decoded values),
-and on failure writes ``output/failure`` (``ExecuteUserScriptError:\nExitCode ...``), which becomes the
-``FailureReason`` ``AlgorithmError: <failure>, exit code: <n>``. The toolkit runs with the interpreter of a fresh
-per-job Python environment (:mod:`pipelines.local.job_env`), so installs land there, never in the engine's venv.
-Afterwards ``model/`` is packed as ``<S3OutputPath>/<job>/output/model.tar.gz`` and ``output/data`` as
-``output.tar.gz``; with a ``CheckpointConfig`` the checkpoint dir is filled from its ``S3Uri`` before the run and
-copied back after it, also when the job fails or is stopped.
+.json``, ``input/data/<channel>/``, ``model/``, ``output/data/``, the checkpoint dir -- and the toolkit does the rest
+exactly as in the container: reads the config (``SAGEMAKER_BASE_DIR`` = the job dir, the toolkit's own switch for "not
+/opt/ml"), pip-installs the bundle's ``requirements.txt``, sets every ``SM_*`` variable (``SM_TRAINING_ENV`` with all
+its keys), runs ``python <sagemaker_program> --name value ...`` (its argv, sorted, JSON-decoded values), and on failure
+writes ``output/failure`` (``ExecuteUserScriptError:\nExitCode ...``), which becomes the ``FailureReason``
+``AlgorithmError: <failure>, exit code: <n>``. The toolkit runs with the interpreter of a fresh per-job Python
+environment (:mod:`pipelines.local.jobs.environment`), so installs land there, never in the engine's venv. Afterwards
+``model/`` is packed as ``<S3OutputPath>/<job>/output/model.tar.gz`` and ``output/data`` as ``output.tar.gz``; with a
+``CheckpointConfig`` the checkpoint dir is filled from its ``S3Uri`` before the run and copied back after it, also when
+the job fails or is stopped.
 
 Differences from the real container, all known ones:
 
@@ -80,10 +80,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipelines.local import job_env
-from pipelines.local import store as store_mod
-from pipelines.local.resolver import decode_hyperparameter
-from pipelines.local.store import ArtifactStore
+from pipelines.local.engine.resolver import decode_hyperparameter
+from pipelines.local.jobs import environment as job_env
+from pipelines.local.storage import store as store_mod
+from pipelines.local.storage.store import ArtifactStore
 from training.archives import safe_extract
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,8 @@ a config that keeps smdebug's own framework profiler off: system metrics come fr
 
 After the job, :func:`evaluate_rules` evaluates every ``DebugRuleConfigurations`` and ``ProfilerRuleConfigurations``
 entry on the saved tensors and profiler files and returns SageMaker's ``DebugRuleEvaluationStatuses`` shape.
-The rule implementations live in :mod:`pipelines.local.rules`; the report in :mod:`pipelines.local.profiler_report`.
+The rule implementations live in :mod:`pipelines.local.debugger.rules`; the report in
+:mod:`pipelines.local.debugger.profiler_report`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipelines.local import rules as rule_impl
-from pipelines.local.profiler_report import build_profiler_report, load_profile, report_path, write_profiler_report
+from pipelines.local.debugger import rules as rule_impl
+from pipelines.local.debugger.profiler_report import (
+    build_profiler_report,
+    load_profile,
+    report_path,
+    write_profiler_report,
+)
 
 log = logging.getLogger(__name__)
 

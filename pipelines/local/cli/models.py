@@ -3,7 +3,7 @@
 ``add_subcommands(subparsers)`` adds the two command groups (each sets ``cli_group`` on the parsed namespace) and
 ``run(args)`` executes one. Every change goes through the local AWS service with boto3, as it would on AWS:
 approving or rejecting a version is ``UpdateModelPackage``; the service emits the EventBridge "SageMaker Model
-Package State Change" event, the approval rule (created like infra/template.yaml's, :mod:`pipelines.local.stack`)
+Package State Change" event, the approval rule (created like infra/template.yaml's, :mod:`pipelines.local.api.stack`)
 sends it to the deploy function (``steps/deploy.py``, created with Lambda ``CreateFunction``), which deploys through
 the SageMaker API; the command then reads that invocation's log (its ``Result:`` line) and waits for the endpoint.
 ``endpoints invoke`` is the runtime's ``InvokeEndpoint``; ``endpoints delete`` is ``DeleteEndpoint``. Listings read
@@ -32,9 +32,10 @@ from botocore.exceptions import ClientError
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.local import endpoints, registry
 from pipelines.local.api import clients
-from pipelines.local.store import DEPLOY_FUNCTION_NAME, mlops_home
+from pipelines.local.serving import endpoints
+from pipelines.local.storage import registry
+from pipelines.local.storage.store import DEPLOY_FUNCTION_NAME, mlops_home
 
 logger = logging.getLogger(__name__)
 
@@ -192,9 +193,9 @@ def _sagemaker() -> Any:
 def _models_set_approval(args: argparse.Namespace) -> int:
     """``UpdateModelPackage`` on the local AWS service, as on AWS: the approval change is an EventBridge event that
     the approval rule sends to the deploy function (created like infra/template.yaml does, see
-    :mod:`pipelines.local.stack`). Then wait for that invocation (its log, as CloudWatch Logs would show it) and
+    :mod:`pipelines.local.api.stack`). Then wait for that invocation (its log, as CloudWatch Logs would show it) and
     for the endpoint to serve what it deployed."""
-    from pipelines.local import stack
+    from pipelines.local.api import stack
 
     package = registry.get_package(args.model, args.group)
     sm = _sagemaker()
@@ -232,7 +233,7 @@ def _resend_state_change(sm: Any, package_arn: str) -> None:
     """The status did not change, so SageMaker sends no event: send the package's state-change event to the deploy
     function directly (asynchronously, as EventBridge -- and its retries after a failed deploy -- would)."""
     from pipelines.local.api import events
-    from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION
+    from pipelines.local.storage.store import LOCAL_ACCOUNT, LOCAL_REGION
 
     described = sm.describe_model_package(ModelPackageName=package_arn)
     described.pop("ResponseMetadata", None)
@@ -244,7 +245,7 @@ def _resend_state_change(sm: Any, package_arn: str) -> None:
 
 
 class _StackClients:
-    """The clients :func:`pipelines.local.stack.ensure_all` needs, next to an existing SageMaker client."""
+    """The clients :func:`pipelines.local.api.stack.ensure_all` needs, next to an existing SageMaker client."""
 
     def __init__(self, sm: Any) -> None:
         self.sagemaker = sm

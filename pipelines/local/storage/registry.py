@@ -32,7 +32,7 @@ from typing import Any
 from botocore.exceptions import ParamValidationError
 from botocore.validate import ParamValidator
 
-from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION, ArtifactStore, transaction
+from pipelines.local.storage.store import LOCAL_ACCOUNT, LOCAL_REGION, ArtifactStore, transaction
 
 logger = logging.getLogger(__name__)
 

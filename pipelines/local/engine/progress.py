@@ -15,9 +15,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from pipelines.local.resolver import decode_hyperparameter
+from pipelines.local.engine.resolver import decode_hyperparameter
 
-logger = logging.getLogger("pipelines.local.progress")
+logger = logging.getLogger("pipelines.local.engine.progress")
 
 _STYLE = {"Succeeded": "green", "Failed": "red", "Executing": "yellow", "Stopped": "magenta",
           "NotExecuted": "dim", "Pending": "dim"}
@@ -144,7 +144,7 @@ def summarize(execution: Mapping[str, Any], steps: list[dict[str, Any]]) -> dict
                 summary["profiler_report"] = props["ProfilerReport"]
     if summary.get("endpoint_name"):
         try:
-            from pipelines.local import endpoints
+            from pipelines.local.serving import endpoints
 
             endpoint = endpoints.get(summary["endpoint_name"])
             summary["endpoint_url"] = endpoint.url if endpoint.alive else None

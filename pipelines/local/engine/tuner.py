@@ -1,7 +1,7 @@
 """Hyperparameter tuning jobs run locally with Optuna.
 
 A resolved CreateHyperParameterTuningJob request becomes an Optuna study (stored with ``RDBStorage`` in
-``$MLOPS_HOME/optuna.db``) whose trials are real training jobs (:func:`pipelines.local.jobs.run_training_job`):
+``$MLOPS_HOME/optuna.db``) whose trials are real training jobs (:func:`pipelines.local.jobs.runtime.run_training_job`):
 
 - sampler from ``Strategy``: Bayesian -> TPE, Random -> random, Grid -> grid (categorical/integer ranges),
   Hyperband -> TPE with Optuna's ``HyperbandPruner`` (``MinResource``/``MaxResource`` from the strategy config);
@@ -37,9 +37,9 @@ from typing import Any
 
 import optuna
 
-from pipelines.local import jobs
-from pipelines.local.executions import ExecutionStore
-from pipelines.local.store import SQLITE_TIMEOUT_S, ArtifactStore, file_lock, mlops_home
+from pipelines.local.jobs import runtime as jobs
+from pipelines.local.storage.executions import ExecutionStore
+from pipelines.local.storage.store import SQLITE_TIMEOUT_S, ArtifactStore, file_lock, mlops_home
 
 logger = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -136,7 +136,7 @@ def optuna_storage() -> optuna.storages.RDBStorage:
     ``RDBStorage`` creates its tables and inserts its version row when it opens a database; two processes doing
     that together on a fresh ``MLOPS_HOME`` fail with ``IntegrityError``. So opening is serialized by a file lock
     (``optuna.db.lock``), and the database is switched to WAL under it; every connection then waits for locks up to
-    :data:`~pipelines.local.store.SQLITE_TIMEOUT_S` (SQLite's busy timeout) instead of failing.
+    :data:`~pipelines.local.storage.store.SQLITE_TIMEOUT_S` (SQLite's busy timeout) instead of failing.
     """
     home = mlops_home()
     path = home / "optuna.db"

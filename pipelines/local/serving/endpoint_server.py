@@ -32,9 +32,10 @@ Admin routes (loopback clients with the token from ``<state-dir>/admin.token`` o
   fails, the old model keeps serving and the error comes back as a 500.
 - ``GET /_mlops/status`` -- what is loaded (generation, directories, load time).
 
-Run in the background by :mod:`pipelines.local.endpoints`::
+Run in the background by :mod:`pipelines.local.serving.endpoints`::
 
-    python -m pipelines.local.endpoint_server --port P --model-dir DIR --state-dir $MLOPS_HOME/endpoints/<name> \
+    python -m pipelines.local.serving.endpoint_server --port P --model-dir DIR \
+        --state-dir $MLOPS_HOME/endpoints/<name> \
         --name <name>
 
 It writes ``<state-dir>/server.json`` (``pid``, ``port``, ``url``, ``state``, ``settings``) once it listens, and
@@ -78,7 +79,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger("pipelines.local.endpoint_server")
+logger = logging.getLogger("pipelines.local.serving.endpoint_server")
 
 DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker real-time inference payload limit
 DEFAULT_VARIANT = "AllTraffic"
@@ -267,7 +268,7 @@ def model_error(response: Response, endpoint_name: str, log_stream_arn: str) -> 
 
 
 def _unknown_endpoint(name: str) -> tuple[int, bytes, dict[str, str]]:
-    from pipelines.local.store import LOCAL_ACCOUNT
+    from pipelines.local.storage.store import LOCAL_ACCOUNT
 
     return _runtime_error("ValidationError", 400, f"Endpoint {name} of account {LOCAL_ACCOUNT} not found.")
 
@@ -513,7 +514,7 @@ class EndpointHTTPServer:
 
     def log_stream_arn(self) -> str:
         from pipelines import arns
-        from pipelines.local.store import LOCAL_ACCOUNT, LOCAL_REGION
+        from pipelines.local.storage.store import LOCAL_ACCOUNT, LOCAL_REGION
 
         return arns.arn("logs", LOCAL_REGION, LOCAL_ACCOUNT,
                         f"log-group:/aws/sagemaker/Endpoints/{self.name}:log-stream:{self.variant}/local")

@@ -24,7 +24,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from pipelines.local.store import DEPLOY_FUNCTION_NAME, LOCAL_ROLE_ARN
+from pipelines.local.storage.store import DEPLOY_FUNCTION_NAME, LOCAL_ROLE_ARN
 from pipelines.packaging import deterministic_zip, project_root
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ local AWS service (:mod:`pipelines.local.api`). What SageMaker has no API for li
 - ``local up [--port P]`` / ``local down`` / ``local status``: the local AWS service itself;
 - ``report [EXECUTION]``: the profiler report path(s) of an execution's training steps;
 - ``gc``: old finished executions' job directories;
-- ``models ...`` / ``endpoints ...`` (:mod:`pipelines.local.cli_models`).
+- ``models ...`` / ``endpoints ...`` (:mod:`pipelines.local.cli.models`).
 
 ``add_local_subcommands(subparsers)`` adds them; ``dispatch(args)`` runs one and returns the exit code.
 """
@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from rich.console import Console
 
-from pipelines.local.executions import ExecutionStore
+from pipelines.local.storage.executions import ExecutionStore
 
 logger = logging.getLogger(__name__)
 console = Console()
@@ -46,7 +46,7 @@ def add_local_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="list what would be removed")
     p.set_defaults(command="gc")
     try:
-        from pipelines.local import cli_models
+        from pipelines.local.cli import models as cli_models
     except ImportError as exc:  # the registry CLI is optional for the engine
         logger.debug("models/endpoints commands unavailable: %s", exc)
         return
@@ -58,7 +58,7 @@ def dispatch(args: argparse.Namespace) -> int:
     try:
         group = getattr(args, "cli_group", None)
         if group in ("models", "endpoints"):
-            from pipelines.local import cli_models
+            from pipelines.local.cli import models as cli_models
 
             return cli_models.run(args)
         handler = _HANDLERS.get(args.command)
@@ -109,7 +109,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
-    from pipelines.local import gc
+    from pipelines.local.storage import gc
 
     report = gc.collect(args.retention_days, args.keep_last, dry_run=args.dry_run)
     verb = "would remove" if report.dry_run else "removed"

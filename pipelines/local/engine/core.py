@@ -6,11 +6,11 @@ Steps whose dependencies succeeded run in parallel up to ``max_workers``; a Cond
 branch (and everything downstream of it), as SageMaker does. A failed step stops new steps from starting; the
 running ones finish; the execution fails with the step's reason (a FailStep's resolved ``ErrorMessage``).
 
-Every step state change is recorded in SQLite (:mod:`pipelines.local.executions`) before and after the step, so an
-engine killed at any point can be resumed with :meth:`LocalEngine.resume` (``retry``): finished steps are kept and
+Every step state change is recorded in SQLite (:mod:`pipelines.local.storage.executions`) before and after the step, so
+an engine killed at any point can be resumed with :meth:`LocalEngine.resume` (``retry``): finished steps are kept and
 stale ``Executing`` ones rerun.
 
-Step statuses are the truth about the job: ``Succeeded`` only when its job exited 0 (:mod:`pipelines.local.jobs`
+Step statuses are the truth about the job: ``Succeeded`` only when its job exited 0 (:mod:`pipelines.local.jobs.runtime`
 reads the job's own exit status); ``Stopped`` when it was stopped (``stop``, or its ``MaxRuntimeInSeconds``:
 SageMaker's ``Stopped``/``MaxRuntimeExceeded``; an execution nobody asked to stop then fails); ``Failed``
 otherwise, with the reason (``killed by SIGKILL`` for a job killed by a signal). Job processes never outlive the
@@ -26,10 +26,10 @@ also checked to still have every output (each output URI a file, or a directory 
 reruns. ``start(no_cache=True)`` (``start --no-cache``) makes one execution look nothing up.
 
 Several engines (processes) may share one ``MLOPS_HOME``. What is serialized: writes to ``mlops.db`` (SQLite's own
-locking: WAL journal, 30 s busy timeout, every state change one autocommit statement; a fresh database's switch to
-WAL under an ``fcntl`` lock, :func:`pipelines.local.store.connect`); the opening of Optuna's storage ``optuna.db``
+locking: WAL journal, 30 s busy timeout, every state change one autocommit statement; a fresh database's switch to WAL
+under an ``fcntl`` lock, :func:`pipelines.local.storage.store.connect`); the opening of Optuna's storage ``optuna.db``
 (its tables, version row and alembic stamp, under an ``fcntl`` lock; then WAL and busy timeouts,
-:func:`pipelines.local.tuner.optuna_storage`). Nothing else needs to be: each execution has its own
+:func:`pipelines.local.engine.tuner.optuna_storage`). Nothing else needs to be: each execution has its own
 ``runs/<execution-id>/`` and job names, and artifact writes go to unique temporary names renamed into place.
 """
 
@@ -50,9 +50,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipelines.local import jobs, resolver
-from pipelines.local.executions import ExecutionStore, parse_iso_duration
-from pipelines.local.store import ArtifactStore, runs_dir
+from pipelines.local.engine import resolver
+from pipelines.local.jobs import runtime as jobs
+from pipelines.local.storage.executions import ExecutionStore, parse_iso_duration
+from pipelines.local.storage.store import ArtifactStore, runs_dir
 
 logger = logging.getLogger(__name__)
 
@@ -533,7 +534,7 @@ class LocalEngine:
         return self._run_cached(execution, step, run)
 
     def _step_tuning(self, execution, step, ctx, job_dir, log_path, attempt):  # noqa: ANN001
-        from pipelines.local import tuner
+        from pipelines.local.engine import tuner
 
         execution_id = execution["execution_id"]
         name = f"{execution_id[:12]}-{_slug(step.name, 14)}-{attempt}"[:32]
@@ -570,7 +571,7 @@ class LocalEngine:
         raise StepFailed(str(message) if message not in (None, "") else f"FailStep {step.name} reached")
 
     def _step_registermodel(self, execution, step, ctx, job_dir, log_path, attempt):  # noqa: ANN001
-        from pipelines.local import registry
+        from pipelines.local.storage import registry
 
         # The request carries the step's identity (execution ARN + step name) as CreateModelPackage's idempotency
         # token, recorded with the arguments before the call: an attempt that dies after the registry's commit is
@@ -671,9 +672,9 @@ def _invoke_function(function_arn: str, event: Any, log_path: Path) -> Any:
 
 def _debugger_module() -> Any | None:
     try:
-        from pipelines.local import debugger
+        from pipelines.local.debugger import hooks as debugger
     except ImportError as exc:
-        logger.warning("Debugger/Profiler configuration ignored: pipelines.local.debugger unavailable (%s)", exc)
+        logger.warning("Debugger/Profiler configuration ignored: pipelines.local.debugger.hooks unavailable (%s)", exc)
         return None
     return debugger
 

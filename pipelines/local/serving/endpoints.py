@@ -1,4 +1,4 @@
-"""Local endpoints: background :mod:`pipelines.local.endpoint_server` processes, one per endpoint name.
+"""Local endpoints: background :mod:`pipelines.local.serving.endpoint_server` processes, one per endpoint name.
 
 State lives under ``$MLOPS_HOME/endpoints/<name>/`` (``server.log``, ``server.json``, ``admin.token``, extracted
 ``models/``) and in the SQLite table ``endpoints`` (pid, port, what is deployed).
@@ -37,13 +37,13 @@ from typing import Any
 
 import psutil
 
-from pipelines.local import endpoint_server
-from pipelines.local.store import ArtifactStore, connect, mlops_home
+from pipelines.local.serving import endpoint_server
+from pipelines.local.storage.store import ArtifactStore, connect, mlops_home
 from training.archives import is_archive, safe_extract
 
 logger = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_STARTUP_TIMEOUT_S = 180.0
 KEEP_MODEL_DIRS = 2  # the serving model and the one before it
 LOG_MAX_BYTES = 10 * 1024 * 1024  # server.log is rotated at (re)start above this size
@@ -179,7 +179,7 @@ def _alive(pid: int | None, create_time: float | None) -> bool:
             return False
         if create_time is not None and abs(proc.create_time() - create_time) > 1.0:
             return False
-        return "pipelines.local.endpoint_server" in " ".join(proc.cmdline())
+        return "pipelines.local.serving.endpoint_server" in " ".join(proc.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
 
@@ -290,7 +290,7 @@ def _start_server(name: str, directory: Path, deployment: Deployment, port: int,
     state_path.unlink(missing_ok=True)
     log_path = directory / "server.log"
     rotate_log(log_path)
-    cmd = [sys.executable, "-m", "pipelines.local.endpoint_server", "--port", str(port),
+    cmd = [sys.executable, "-m", "pipelines.local.serving.endpoint_server", "--port", str(port),
            "--model-dir", str(deployment.model_dir), "--state-dir", str(directory), "--name", name,
            "--variant", variant, "--max-body-bytes", str(max_body_bytes)]
     env = dict(os.environ)

@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.local.executions import TERMINAL_EXECUTION, ExecutionStore
-from pipelines.local.store import runs_dir
+from pipelines.local.storage.executions import TERMINAL_EXECUTION, ExecutionStore
+from pipelines.local.storage.store import runs_dir
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pipelines.local import rules as rule_impl  # noqa: E402
+from pipelines.local.debugger import rules as rule_impl  # noqa: E402
 
 log = logging.getLogger(__name__)
 
