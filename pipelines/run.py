@@ -59,6 +59,27 @@ def parameter_types() -> dict[str, tuple[str, Any]]:
 
 
 _TYPE_NAMES = {"str": "String", "int": "Integer", "float": "Float", "bool": "Boolean"}
+_PYTHON_TYPES = {"String": "str", "Integer": "int", "Float": "float", "Boolean": "bool"}
+
+
+def read_definition(path: str) -> str:
+    """A pipeline definition file's text (JSON, as ``pipeline.definition()`` writes it): :class:`UserError` when
+    it is not one."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        parsed = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"--definition {path}: not a readable pipeline definition JSON ({exc})") from None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("Steps"), list):
+        raise UserError(f"--definition {path}: a pipeline definition has a 'Steps' list")
+    return text
+
+
+def definition_parameter_types(path: str) -> dict[str, tuple[str, Any]]:
+    """``{name: (type, default)}`` of a definition file's Parameters."""
+    parameters = json.loads(read_definition(path)).get("Parameters") or []
+    return {p["Name"]: (_PYTHON_TYPES.get(p.get("Type", "String"), "str"), p.get("DefaultValue"))
+            for p in parameters if isinstance(p, dict) and p.get("Name")}
 
 
 def parse_parameters(pairs: Sequence[str], types: dict[str, tuple[str, Any]] | None = None) -> list[dict[str, str]]:
@@ -421,7 +442,7 @@ def _describe(clients: AwsClients, settings: Settings, args: argparse.Namespace)
     arn = _execution_arn(clients, settings, args.execution)
     described = clients.sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)
     described.pop("ResponseMetadata", None)
-    steps = _list_steps(clients, arn)
+    steps = views.with_step_types(clients.sagemaker, arn, _list_steps(clients, arn))
     if args.output == "json":
         _print({**described, "Steps": steps})
     else:
@@ -463,6 +484,8 @@ def run_sagemaker(args: argparse.Namespace, clients: AwsClients | None = None,
         _print(sagemaker_upsert(clients, settings))
         return 0
     if args.command == "start":
+        if getattr(args, "definition", None) and args.target != "local":
+            _upsert_definition_file(clients, settings, args)
         return _start(clients, settings, args)
     return _COMMANDS[args.command](clients, settings, args)
 
@@ -527,6 +550,25 @@ def ensure_local_stack(clients: AwsClients, settings: Settings, args: argparse.N
     stack.ensure_all(clients, settings.bucket, settings.model_package_group_name, endpoint_name=endpoint)
 
 
+def _upsert_definition_file(clients: AwsClients, settings: Settings, args: argparse.Namespace) -> None:
+    """``start --definition FILE``: create or update the pipeline (``--pipeline-name``, default the file's stem)
+    with that definition, as ``pipeline.upsert()`` would."""
+    from botocore.exceptions import ClientError
+
+    definition = read_definition(args.definition)
+    settings.pipeline_name = args.pipeline_name or Path(args.definition).stem
+    common = {"PipelineName": settings.pipeline_name, "PipelineDefinition": definition, "RoleArn": settings.role_arn}
+    try:
+        clients.sagemaker.update_pipeline(**common)
+        action = "updated"
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("ResourceNotFound", "ValidationException"):
+            raise
+        clients.sagemaker.create_pipeline(**common, ClientRequestToken=str(uuid.uuid4()))
+        action = "created"
+    logger.info("%s: %s from %s", settings.pipeline_name, action, args.definition)
+
+
 def run_local(args: argparse.Namespace, clients: AwsClients | None = None) -> int:
     """The local target: the SageMaker target's code against the local AWS service, plus its own commands."""
     if args.command in LOCAL_COMMANDS:
@@ -540,7 +582,9 @@ def run_local(args: argparse.Namespace, clients: AwsClients | None = None) -> in
     clients = clients or local_clients()
     if args.command in ("upsert", "start"):
         ensure_local_stack(clients, settings, args)
-    if args.command == "start":  # the local target runs what is checked out: upsert it first
+    if args.command == "start" and getattr(args, "definition", None):
+        _upsert_definition_file(clients, settings, args)
+    elif args.command == "start":  # the local target runs what is checked out: upsert it first
         logger.info("%s: %s", settings.pipeline_name, sagemaker_upsert(clients, settings)["Action"])
         if getattr(args, "start_no_cache", False):
             clients.sagemaker.meta.events.register("before-sign.sagemaker.StartPipelineExecution", _no_cache_header)
@@ -582,6 +626,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a pipeline Parameter (repeatable)")
     start.add_argument("--wait", action="store_true", help="wait until the execution ends; exit 1 unless it succeeded")
     start.add_argument("--display-name", help="execution display name")
+    start.add_argument("--definition", metavar="FILE",
+                       help="upsert and run this pipeline definition JSON (any pipeline's, e.g. from "
+                            "pipeline.definition()) instead of the project's; --pipeline-name names it (default: "
+                            "the file's stem), --param takes its Parameters")
     _add_wait_arguments(start)
     # not ``no_cache`` (the global flag, which builds the definition with caching off): the local engine's per-start
     # switch, sent to the local service as the x-mlops-no-cache header
@@ -631,8 +679,10 @@ def main(argv: Sequence[str] | None = None, clients: AwsClients | None = None) -
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
     try:
-        args.parameters = parse_parameters(getattr(args, "param", None) or [])
-        if args.command == "start":
+        definition_file = getattr(args, "definition", None)
+        types = definition_parameter_types(definition_file) if definition_file else None
+        args.parameters = parse_parameters(getattr(args, "param", None) or [], types)
+        if args.command == "start" and not definition_file:
             check_start_parameters(args.parameters)
         if args.target == "local":
             check_mlops_home()

@@ -40,6 +40,37 @@ def _arn_name(arn: str | None) -> str:
     return (arn or "").rsplit("/", 1)[-1]
 
 
+def step_types(definition: str) -> dict[str, str]:
+    """``{step name: Type}`` of a pipeline definition, Condition branches included (ListPipelineExecutionSteps has
+    no step type; the definition of the execution, DescribePipelineDefinitionForExecution, has)."""
+    found: dict[str, str] = {}
+
+    def walk(steps: list[Any]) -> None:
+        for step in steps or []:
+            if isinstance(step, dict) and step.get("Name"):
+                found[step["Name"]] = str(step.get("Type", ""))
+                arguments = step.get("Arguments") if isinstance(step.get("Arguments"), dict) else {}
+                walk(arguments.get("IfSteps") or [])
+                walk(arguments.get("ElseSteps") or [])
+
+    try:
+        walk(json.loads(definition).get("Steps") or [])
+    except (ValueError, AttributeError):
+        logger.warning("the execution's pipeline definition is not readable JSON")
+    return found
+
+
+def with_step_types(sm_client: Any, arn: str, steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``steps`` with ``StepType`` from the execution's definition."""
+    try:
+        definition = sm_client.describe_pipeline_definition_for_execution(PipelineExecutionArn=arn)
+    except ClientError as exc:
+        logger.warning("DescribePipelineDefinitionForExecution %s: %s", arn, exc)
+        return steps
+    types = step_types(definition.get("PipelineDefinition") or "{}")
+    return [{**step, "StepType": types.get(step.get("StepName", ""), "")} for step in steps]
+
+
 def step_details(step: Mapping[str, Any]) -> str:
     """One line about what a step produced, from its ``Metadata`` as ListPipelineExecutionSteps shapes it."""
     if step.get("FailureReason"):
