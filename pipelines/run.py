@@ -208,8 +208,10 @@ def resolve_settings(args: argparse.Namespace, env: dict[str, str] | os._Environ
 
 # --- definitions ---------------------------------------------------------------------------------------------------
 
-def build_definition_json(settings: Settings, upload: Callable[[str, bytes], None] | None) -> str:
-    """Build the code bundles, upload them through ``upload(s3_uri, data)`` (if given) and return the definition."""
+def build_definition_json(settings: Settings, upload: Callable[[str, bytes], None] | None,
+                          bundles: Any = None) -> str:
+    """Build the code bundles (unless given), upload them through ``upload(s3_uri, data)`` (if given) and return
+    the definition."""
     from pipelines.arns import UnknownRegionError
     from pipelines.packaging import build_code_bundles, code_locations, project_root, upload_code_bundles
     from pipelines.pipeline import UnsupportedRegionError, framework_images, get_pipeline, pipeline_definition
@@ -225,7 +227,7 @@ def build_definition_json(settings: Settings, upload: Callable[[str, bytes], Non
         raise UserError("no artifact bucket: set ARTIFACT_BUCKET or pass --bucket")
     try:
         framework_images(settings.region)  # a region without the PyTorch images: one line, before any work
-        bundles = build_code_bundles(project_root())
+        bundles = bundles or build_code_bundles(project_root())
         locations = code_locations(settings.bucket, settings.base_job_prefix, bundles)
         if upload is not None:
             upload_code_bundles(bundles, locations, upload)
@@ -283,13 +285,14 @@ def s3_uploader(s3: Any) -> Callable[[str, bytes], None]:
     return put
 
 
-def upload_bundles_if_missing(s3: Any, settings: Settings) -> None:
-    """Upload the code bundles unless this content address is complete already (sourcedir.tar.gz goes last)."""
+def upload_bundles_if_missing(s3: Any, settings: Settings, bundles: Any = None) -> None:
+    """Upload the code bundles (built here unless given) unless this content address is complete already
+    (sourcedir.tar.gz goes last)."""
     from botocore.exceptions import ClientError
 
     from pipelines.packaging import build_code_bundles, code_locations, project_root, upload_code_bundles
 
-    bundles = build_code_bundles(project_root())
+    bundles = bundles or build_code_bundles(project_root())
     locations = code_locations(settings.bucket, settings.base_job_prefix, bundles)
     bucket, _, key = locations.sourcedir.removeprefix("s3://").partition("/")
     try:
@@ -351,8 +354,11 @@ def sagemaker_upsert(clients: AwsClients, settings: Settings) -> dict[str, Any]:
 
     if not settings.bucket:
         raise UserError("no artifact bucket: set ARTIFACT_BUCKET or pass --bucket")
-    definition = build_definition_json(settings, upload=None)  # first: a region problem fails before any AWS call
-    upload_bundles_if_missing(clients.s3, settings)
+    from pipelines.packaging import build_code_bundles, project_root
+
+    bundles = build_code_bundles(project_root())  # once, for the definition and the upload
+    definition = build_definition_json(settings, None, bundles)  # first: a region problem fails before any AWS call
+    upload_bundles_if_missing(clients.s3, settings, bundles)
     description = "Image classification: prepare, tune, train, evaluate, register, deploy."
     try:
         clients.sagemaker.describe_model_package_group(ModelPackageGroupName=settings.model_package_group_name)

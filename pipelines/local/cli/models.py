@@ -199,7 +199,9 @@ def _models_set_approval(args: argparse.Namespace) -> int:
 
     package = registry.get_package(args.model, args.group)
     sm = _sagemaker()
-    stack.ensure_all(_StackClients(sm), None, package.group, endpoint_name=args.endpoint_name)
+    from pipelines.run import local_clients
+
+    stack.ensure_all(local_clients(), None, package.group, endpoint_name=args.endpoint_name)
     logs_before = set(_deploy_logs())
     request = {"ModelPackageArn": package.arn, "ModelApprovalStatus": args.approval_status}
     if args.description:
@@ -242,16 +244,6 @@ def _resend_state_change(sm: Any, package_arn: str) -> None:
                                     Payload=json.dumps(event, default=str).encode())
     _out().print(f"{package_arn} is already {_styled(described['ModelApprovalStatus'])}: sent its state-change "
                  "event to the deploy function again")
-
-
-class _StackClients:
-    """The clients :func:`pipelines.local.api.stack.ensure_all` needs, next to an existing SageMaker client."""
-
-    def __init__(self, sm: Any) -> None:
-        self.sagemaker = sm
-        self.s3 = clients.client("s3")
-        self.lambda_ = clients.client("lambda")
-        self.events = clients.client("events")
 
 
 def _deploy_log_dir() -> Path:
