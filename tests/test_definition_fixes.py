@@ -150,7 +150,7 @@ def test_local_engine_arns_are_built_by_arns():
 
 
 def test_no_hand_built_arns_in_the_definition_code():
-    for path in (ROOT / "pipelines" / "pipeline.py", ROOT / "pipelines" / "local" / "store.py"):
+    for path in (ROOT / "pipelines" / "pipeline.py", ROOT / "pipelines" / "local" / "storage" / "store.py"):
         assert 'f"arn:aws:' not in path.read_text(), path
 
 
