@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export SAGEMAKER_SUPPRESS_V2_WARNING := 1
 
-.PHONY: run test lint pytest venv browser java clean benchmark
+.PHONY: run test lint pytest venv browser java sandbox clean benchmark
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,14 @@ java:
 	  { if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless >/dev/null) || echo "warning: could not install openjdk-17-jre-headless; the TorchServe test will be skipped"; \
 	    else echo "warning: java missing (apt-get install openjdk-17-jre-headless); the TorchServe test will be skipped"; fi; }
 
-pytest: $(STAMP) browser java
+# bubblewrap, for jobs' private /opt/ml where util-linux unshare is refused (Debian's package; without either, jobs run
+# without one, with a warning, and the sandbox tests of the missing mechanism are skipped, saying why).
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null) || echo "warning: could not install bubblewrap; its sandbox tests will be skipped"; \
+	    else echo "warning: bwrap missing (apt-get install bubblewrap); its sandbox tests will be skipped"; fi; }
+
+pytest: $(STAMP) browser java sandbox
 	$(VENV)/bin/pytest
 
 test: lint pytest

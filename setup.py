@@ -31,6 +31,7 @@ INSTALL_REQUIRES = [
     "sagemaker-pytorch-inference==2.0.25",
     # sagemaker-pytorch-inference imports pkg_resources, which setuptools 81 removed.
     "setuptools>=70,<81",
+    "uv>=0.4",
 ]
 
 EXTRAS_REQUIRE = {

@@ -150,8 +150,8 @@ def test_graph_dependencies_branches_and_errors():
     order = engine.topological_order(steps)
     assert order.index("A") < order.index("B") < order.index("C") < order.index("R") < order.index("L")
 
-    with pytest.raises(engine.DefinitionError, match="'E'.*'EMR'"):
-        engine.parse_definition({"Steps": [_step("E", "EMR")]})
+    # A step type the engine cannot run is accepted here: that step fails when it is reached (test_step_kinds.py).
+    assert engine.parse_definition({"Steps": [_step("E", "EMR")]})["E"].kind.type_name == "EMR"
     # Any Lambda function: invoked at run time through the local Lambda service (a missing one fails that step).
     assert engine.parse_definition({"Steps": [_step("L", "Lambda", FunctionArn="arn:aws:lambda:us-east-1:1:function:"
                                                     "other-fn")]})["L"].type == "Lambda"

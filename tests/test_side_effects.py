@@ -28,8 +28,8 @@ import pytest
 from pipelines.local.api import clients, server, stack
 from pipelines.local.api.sagemaker_backend import SageMakerBackend
 from pipelines.local.cli import models as cli_models
-from pipelines.local.engine import core as engine
 from pipelines.local.engine.core import LocalEngine
+from pipelines.local.engine.steps import models as model_steps
 from pipelines.local.serving import endpoints
 from pipelines.local.storage import registry
 from pipelines.local.storage.executions import ExecutionStore
@@ -219,7 +219,7 @@ def test_crash_after_the_registry_commit_then_retry_registers_the_artifact_once(
     pipeline = definition(model_uri(tmp_path, 1), 1, deploy=False)
 
     def commit_then_die() -> None:
-        real = engine.local_client
+        real = model_steps.local_client
 
         def local_client(service: str):
             client = real(service)
@@ -233,7 +233,7 @@ def test_crash_after_the_registry_commit_then_retry_registers_the_artifact_once(
                 client.create_model_package = create_then_die
             return client
 
-        engine.local_client = local_client
+        model_steps.local_client = local_client  # the RegisterModel step's client
         LocalEngine(pipeline, pipeline_name=PIPELINE).start()
 
     assert wait(fork(commit_then_die)) == KILLED

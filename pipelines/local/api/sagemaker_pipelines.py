@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -46,6 +46,7 @@ from pipelines.local.api import sagemaker_backend
 from pipelines.local.api.shapes import ApiError, epoch, paginate, validation_error
 from pipelines.local.engine import core as engine
 from pipelines.local.engine import resolver
+from pipelines.local.engine import steps as step_kinds
 from pipelines.local.storage.executions import ExecutionStore, execution_arn
 from pipelines.local.storage.store import (
     LOCAL_ACCOUNT,
@@ -607,24 +608,15 @@ def _step_status(step: Mapping[str, Any], execution: Mapping[str, Any]) -> str:
 
 
 def _step_metadata(execution: Mapping[str, Any], step: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
-    """``PipelineExecutionStepMetadata`` as SageMaker fills it for each step type."""
-    kind, props = step["step_type"], step["properties"] if isinstance(step["properties"], dict) else {}
-    if kind in JOB_KINDS:
-        job = JOB_KINDS[kind]
+    """``PipelineExecutionStepMetadata`` as SageMaker fills it for each step type (the step kind says)."""
+    props = step["properties"] if isinstance(step["properties"], dict) else {}
+    job_arn = None
+    if step["step_type"] in JOB_KINDS:
+        job = JOB_KINDS[step["step_type"]]
         name = _job_name(job, execution["execution_id"], step)
-        return {job.metadata_key: {"Arn": _job_arn(job.arn_type, name)}} if name else {}
-    if kind == "RegisterModel" and props.get("ModelPackageArn"):
-        return {"RegisterModel": {"Arn": props["ModelPackageArn"]}}
-    if kind == "Model" and props.get("ModelArn"):
-        return {"Model": {"Arn": props["ModelArn"]}}
-    if kind == "Lambda":
-        outputs = [{"Name": k, "Value": v} for k, v in (props.get("OutputParameters") or {}).items()]
-        return {"Lambda": {"Arn": spec.get("FunctionArn"), "OutputParameters": outputs}}
-    if kind == "Condition" and "Outcome" in props:
-        return {"Condition": {"Outcome": "True" if props["Outcome"] else "False"}}
-    if kind == "Fail" and step["status"] == "Failed":
-        return {"Fail": {"ErrorMessage": props.get("ErrorMessage") or step["failure_reason"]}}
-    return {}
+        job_arn = _job_arn(job.arn_type, name) if name else None
+    return step_kinds.kind_for(step["step_type"]).metadata(props, spec, str(step["status"]), step["failure_reason"],
+                                                           job_arn)
 
 
 def _step_summary(execution: Mapping[str, Any], step: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -659,7 +651,7 @@ def list_pipeline_execution_steps(params: dict[str, Any], ctx: Context) -> dict[
 
 @dataclass(frozen=True)
 class JobKind:
-    """How one kind of job the engine runs is named in the SageMaker API."""
+    """How one kind of job the engine runs is named in the SageMaker API (its step kind's ``job``)."""
 
     step_type: str
     name_key: str
@@ -669,15 +661,15 @@ class JobKind:
     metadata_key: str
     end_key: str
 
+    @classmethod
+    def of(cls, step_type: str) -> JobKind:
+        info = step_kinds.STEP_KINDS[step_type].job
+        assert info is not None, step_type
+        return cls(step_type, **asdict(info))
 
-TRAINING = JobKind("Training", "TrainingJobName", "TrainingJobArn", "TrainingJobStatus", "training-job",
-                   "TrainingJob", "TrainingEndTime")
-PROCESSING = JobKind("Processing", "ProcessingJobName", "ProcessingJobArn", "ProcessingJobStatus", "processing-job",
-                     "ProcessingJob", "ProcessingEndTime")
-TUNING = JobKind("Tuning", "HyperParameterTuningJobName", "HyperParameterTuningJobArn",
-                 "HyperParameterTuningJobStatus", "hyper-parameter-tuning-job", "TuningJob",
-                 "HyperParameterTuningEndTime")
-JOB_KINDS = {k.step_type: k for k in (TRAINING, PROCESSING, TUNING)}
+
+TRAINING, PROCESSING, TUNING, TRANSFORM = (JobKind.of(t) for t in ("Training", "Processing", "Tuning", "Transform"))
+JOB_KINDS = {k.step_type: k for k in (TRAINING, PROCESSING, TUNING, TRANSFORM)}
 #: A step's status -> its job's status.
 JOB_STATUS = {"Starting": "InProgress", "Executing": "InProgress", "Stopping": "Stopping", "Succeeded": "Completed",
               "Failed": "Failed", "Stopped": "Stopped"}
@@ -691,10 +683,9 @@ def _job_name(kind: JobKind, execution_id: str, step: Mapping[str, Any]) -> str 
         return str(props[kind.name_key])
     if step["arguments"] is None:
         return None
-    if kind is TUNING:  # as LocalEngine._step_tuning names it
-        return f"{execution_id[:12]}-{engine._slug(step['step_name'], 14)}-{step['attempt']}"[:32]  # noqa: SLF001
-    stepdef = engine.StepDef(step["step_name"], step["step_type"], {})
-    return engine.LocalEngine._job_name(cast(Any, None), execution_id, stepdef, int(step["attempt"]))  # noqa: SLF001
+    if kind is TUNING:  # as the Tuning step names it
+        return step_kinds.jobs.tuning_job_name(execution_id, step["step_name"], int(step["attempt"]))
+    return step_kinds.job_name(execution_id, step["step_name"], int(step["attempt"]))
 
 
 def _step_rows(step_type: str) -> list[dict[str, Any]]:

@@ -40,33 +40,25 @@ import hashlib
 import json
 import logging
 import os
-import re
 import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
-from pipelines.local.engine import resolver
+from pipelines.local.engine import resolver, retry
+from pipelines.local.engine.steps import (
+    DefinitionError,
+    StepDef,
+    StepFailed,
+    StepRun,
+)
 from pipelines.local.jobs import runtime as jobs
 from pipelines.local.storage.executions import ExecutionStore, parse_iso_duration
 from pipelines.local.storage.store import ArtifactStore, runs_dir
 
 logger = logging.getLogger(__name__)
-
-SUPPORTED_STEP_TYPES = ("Processing", "Training", "Tuning", "Condition", "RegisterModel", "Lambda", "Fail")
-
-
-class DefinitionError(ValueError):
-    """The definition cannot run locally (unsupported step type or function, unknown reference, cycle...)."""
-
-
-class StepFailed(RuntimeError):
-    """A step failed; ``str()`` is the failure reason recorded for it."""
-
 
 class Observer(Protocol):
     """What the engine reports to (the progress view implements it)."""
@@ -91,37 +83,6 @@ class NullObserver:
         pass
 
 
-@dataclass
-class StepDef:
-    name: str
-    type: str
-    spec: dict[str, Any]
-    deps: set[str] = field(default_factory=set)
-    branch: tuple[str, bool] | None = None  # (condition step, True for IfSteps / False for ElseSteps)
-
-    @property
-    def arguments(self) -> Any:
-        return self.spec.get("Arguments", {})
-
-
-def function_name(function_arn: str) -> str:
-    """The function name of a Lambda ARN (``arn:aws:lambda:region:acct:function:NAME[:qualifier]``) or bare name."""
-    match = re.match(r"^arn:aws[\w-]*:lambda:[^:]*:[^:]*:function:([^:]+)", function_arn)
-    return match.group(1) if match else function_arn
-
-
-def local_client(service: str) -> Any:
-    """A boto3 client of the local AWS service: ``AWS_ENDPOINT_URL`` when the runner was started by it, else the
-    service, started on demand (an engine driven in-process, as tests do)."""
-    from botocore.config import Config
-
-    from pipelines.local.api import clients
-
-    # Invoke waits for the function (up to its Timeout, 900 s at most) and is not retried: a retry runs it twice.
-    config = Config(read_timeout=910, retries={"max_attempts": 1, "mode": "standard"}) if service == "lambda" else None
-    return clients.client(service, os.environ.get("AWS_ENDPOINT_URL"), config=config)
-
-
 def parse_definition(definition: Mapping[str, Any]) -> dict[str, StepDef]:
     """All steps of a definition (branches included) with their dependencies; raises :class:`DefinitionError`."""
     steps: dict[str, StepDef] = {}
@@ -133,22 +94,18 @@ def parse_definition(definition: Mapping[str, Any]) -> dict[str, StepDef]:
                 raise DefinitionError(f"step without Name/Type: {json.dumps(spec)[:200]}")
             if name in steps:
                 raise DefinitionError(f"duplicate step name {name!r}")
-            if stype not in SUPPORTED_STEP_TYPES:
-                raise DefinitionError(f"step {name!r} has type {stype!r}, which the local engine does not run "
-                                      f"(supported: {', '.join(SUPPORTED_STEP_TYPES)})")
             step = StepDef(name, stype, spec, branch=branch)
-            args = spec.get("Arguments", {})
-            if stype == "Condition":
-                step.deps |= resolver.referenced_steps(args.get("Conditions", []))
-            else:
-                step.deps |= resolver.referenced_steps(args)
-            step.deps |= set(spec.get("DependsOn") or [])
+            kind = step.kind
+            step.deps |= kind.dependencies(spec) | set(spec.get("DependsOn") or [])
             if branch:
                 step.deps.add(branch[0])
+            try:
+                retry.parse(spec)
+            except retry.RetryPolicyError as exc:
+                raise DefinitionError(str(exc)) from None
             steps[name] = step
-            if stype == "Condition":
-                add(args.get("IfSteps") or [], (name, True))
-                add(args.get("ElseSteps") or [], (name, False))
+            for nested, outcome in kind.branches(spec):
+                add(nested, (name, outcome))
 
     add(list(definition.get("Steps") or []), None)
     for step in steps.values():
@@ -165,10 +122,6 @@ def parse_definition(definition: Mapping[str, Any]) -> dict[str, StepDef]:
 
 def topological_order(steps: Mapping[str, StepDef]) -> list[str]:
     return list(graphlib.TopologicalSorter({s.name: s.deps for s in steps.values()}).static_order())
-
-
-def _slug(text: str, n: int) -> str:
-    return re.sub(r"[^a-zA-Z0-9-]", "-", text)[:n].strip("-") or "step"
 
 
 def _json_default(obj: Any) -> Any:
@@ -253,6 +206,12 @@ class LocalEngine:
             except json.JSONDecodeError as exc:
                 raise resolver.ResolutionError(f"property file {file_name}: {uri} is not valid JSON: {exc}") from None
 
+        def read_json_uri(uri: str) -> Any:
+            try:
+                return json.loads(self.artifacts.path(uri).read_text())
+            except (FileNotFoundError, IsADirectoryError, ValueError) as exc:
+                raise resolver.ResolutionError(f"JsonGet {uri}: {exc}") from None
+
         started = execution.get("started_at") or execution["created_at"]
         return resolver.ResolverContext(
             parameters=execution["parameters"],
@@ -265,6 +224,7 @@ class LocalEngine:
             },
             step_properties=props,
             read_property_file=read_property_file,
+            read_json_uri=read_json_uri,
             symbolic_execution=symbolic,
         )
 
@@ -354,7 +314,7 @@ class LocalEngine:
             status, reason = "Stopped", "stopped on request"
         elif failures:  # a step stopped by its MaxRuntimeInSeconds fails the execution: nobody asked to stop it
             status = "Failed"
-            reason = "; ".join(f"Step {n} {verb}: {r}" if self.steps[n].type != "Fail" else r
+            reason = "; ".join(f"Step {n} {verb}: {r}" if self.steps[n].kind.failed_properties(r) is None else r
                                for n, verb, r in failures)
         else:
             pending = [n for n in self.order if n not in done and n not in blocked]
@@ -368,7 +328,46 @@ class LocalEngine:
 
     # ---------------------------------------------------------------------------------------------------------
     def _execute_step(self, execution: Mapping[str, Any], name: str) -> None:
-        """Run one step and record its outcome (raises on failure, after recording it)."""
+        """Run one step, retried as its ``RetryPolicies`` say (:mod:`.retry`); raises on its final failure."""
+        policies = retry.parse(self.steps[name].spec)
+        first_failure: float | None = None
+        retries: dict[retry.Policy, int] = {}
+        while True:
+            try:
+                return self._attempt(execution, name)
+            except StepFailed as exc:
+                exception_type = retry.classify(exc)
+                policy = retry.matching(policies, exception_type) if exception_type else None
+                if policy is None:
+                    raise
+                now = time.monotonic()
+                first_failure = first_failure if first_failure is not None else now
+                count = retries.get(policy, 0) + 1
+                delay = policy.delay(count, now - first_failure)
+                if delay is None:
+                    raise
+                retries[policy] = count
+                self._log(execution, name, f"{exception_type}: retry {count} in {delay:g} s ({exc})")
+                if self._sleep_unless_stopped(delay):
+                    raise
+
+    def _sleep_unless_stopped(self, seconds: float) -> bool:
+        """Wait ``seconds``; True if the execution was asked to stop meanwhile."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.control.stopped:
+                return True
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        return self.control.stopped
+
+    @staticmethod
+    def _log(execution: Mapping[str, Any], name: str, text: str) -> None:
+        log_path = runs_dir() / execution["execution_id"] / "logs" / f"{name}.log"
+        with open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(f"[engine] {time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+
+    def _attempt(self, execution: Mapping[str, Any], name: str) -> None:
+        """Run one attempt of a step and record its outcome (raises on failure, after recording it)."""
         execution_id = execution["execution_id"]
         step = self.steps[name]
         run_dir = runs_dir() / execution_id
@@ -380,9 +379,7 @@ class LocalEngine:
         self.observer.step_status(name, "Executing", f"attempt {attempt}" if attempt > 1 else "")
         rule_statuses: list[dict[str, Any]] | None = None
         try:
-            ctx = self._context(execution)
-            handler = getattr(self, f"_step_{step.type.lower()}")
-            result = handler(execution, step, ctx, run_dir / name, log_path, attempt)
+            result = step.kind.run(StepRun(self, execution, step, run_dir / name, log_path, attempt))
             properties, cached_from = result if isinstance(result, tuple) else (result, None)
             rule_statuses = (properties.get("DebugRuleEvaluationStatuses") or []) + \
                 (properties.get("ProfilerRuleEvaluationStatuses") or []) if isinstance(properties, dict) else None
@@ -400,26 +397,14 @@ class LocalEngine:
             if not isinstance(exc, (StepFailed, jobs.JobError, resolver.ResolutionError)):
                 with open(log_path, "a", encoding="utf-8") as fh:
                     fh.write(traceback.format_exc())
-            properties = {"ErrorMessage": reason} if step.type == "Fail" else None
+            properties = step.kind.failed_properties(reason)
             self.records.finish_step(execution_id, name, "Failed", failure_reason=reason, properties=properties)
             self.observer.step_status(name, "Failed", reason)
             raise StepFailed(reason) from exc
 
     @staticmethod
     def _detail(step: StepDef, properties: Any) -> str:
-        if not isinstance(properties, dict):
-            return ""
-        if step.type == "Condition":
-            return f"outcome {properties.get('Outcome')}"
-        if step.type == "Tuning":
-            best = properties.get("BestTrainingJob") or {}
-            metric = best.get("FinalHyperParameterTuningJobObjectiveMetric") or {}
-            return f"best {metric.get('MetricName')}={metric.get('Value')}"
-        if step.type == "RegisterModel":
-            return f"{properties.get('ModelPackageArn')} ({properties.get('ModelApprovalStatus')})"
-        if step.type == "Lambda":
-            return json.dumps(properties.get("OutputParameters"), default=str)[:200]
-        return ""
+        return step.kind.detail(properties) if isinstance(properties, dict) else ""
 
     def _message(self, execution_id: str, name: str) -> Callable[[str], None]:
         def say(message: str) -> None:
@@ -484,12 +469,6 @@ class LocalEngine:
             return True
         return path.is_dir() and any(p.is_file() for p in path.rglob("*"))
 
-    def _job_name(self, execution_id: str, step: StepDef, attempt: int, limit: int = 63) -> str:
-        suffix = hashlib.sha1(f"{execution_id}/{step.name}/{attempt}".encode()).hexdigest()[:6]
-        head = f"pipelines-{execution_id[:12]}-"
-        room = limit - len(head) - len(suffix) - 1
-        return f"{head}{_slug(step.name, room)}-{suffix}"
-
     def _run_cached(self, execution: Mapping[str, Any], step: StepDef, run: Callable[[dict[str, Any]], dict]
                     ) -> tuple[dict[str, Any], str | None]:
         execution_id = execution["execution_id"]
@@ -500,239 +479,6 @@ class LocalEngine:
             logger.info("step %s: cache hit from execution %s", step.name, hit["execution_id"])
             return hit["properties"], hit["execution_id"]
         return run(arguments), None
-
-    # --- step types -------------------------------------------------------------------------------------------
-    def _step_processing(self, execution, step, ctx, job_dir, log_path, attempt):  # noqa: ANN001
-        execution_id = execution["execution_id"]
-
-        def run(arguments: dict[str, Any]) -> dict[str, Any]:
-            return jobs.run_processing_job(arguments, self._job_name(execution_id, step, attempt), job_dir,
-                                           self.artifacts, log_path,
-                                           on_line=self._line_observer(execution_id, step.name), control=self.control)
-        return self._run_cached(execution, step, run)
-
-    def _step_training(self, execution, step, ctx, job_dir, log_path, attempt):  # noqa: ANN001
-        execution_id = execution["execution_id"]
-
-        def run(arguments: dict[str, Any]) -> dict[str, Any]:
-            debugging = any(arguments.get(k) for k in ("DebugHookConfig", "DebugRuleConfigurations",
-                                                       "ProfilerConfig", "ProfilerRuleConfigurations"))
-            debugger = _debugger_module() if debugging else None
-
-            def prepare(path: Path) -> Mapping[str, str] | None:
-                return debugger.write_hook_config(arguments, path) if debugger else None
-
-            result = jobs.run_training_job(arguments, self._job_name(execution_id, step, attempt), job_dir,
-                                           self.artifacts, log_path,
-                                           on_line=self._line_observer(execution_id, step.name),
-                                           control=self.control, prepare=prepare)
-            if debugger is not None:
-                result.update(_evaluate_debugger(debugger, arguments, Path(result["LocalJobDir"]), log_path))
-                result.update(_upload_debugger_outputs(debugger, arguments, result["TrainingJobName"],
-                                                       Path(result["LocalJobDir"]), self.artifacts))
-            return result
-        return self._run_cached(execution, step, run)
-
-    def _step_tuning(self, execution, step, ctx, job_dir, log_path, attempt):  # noqa: ANN001
-        from pipelines.local.engine import tuner
-
-        execution_id = execution["execution_id"]
-        name = f"{execution_id[:12]}-{_slug(step.name, 14)}-{attempt}"[:32]
-
-        def run(arguments: dict[str, Any]) -> dict[str, Any]:
-            try:
-                return tuner.run_tuning_job(arguments, name, job_dir, self.artifacts, execution_id=execution_id,
-                                            step_name=step.name, records=self.records, control=self.control,
-                                            on_message=self._message(execution_id, step.name), log_path=log_path)
-            except tuner.TuningError as exc:
-                raise StepFailed(str(exc)) from exc
-        return self._run_cached(execution, step, run)
-
-    def _step_condition(self, execution, step, ctx, job_dir, log_path, attempt):  # noqa: ANN001
-        conditions = step.arguments.get("Conditions") or []
-        evaluations = []
-        for condition in conditions:
-            outcome = resolver.evaluate_condition(condition, ctx)
-            entry: dict[str, Any] = {"Type": condition.get("Type"), "Outcome": outcome}
-            for key in ("LeftValue", "RightValue", "QueryValue"):
-                if key in condition:
-                    try:
-                        entry[key] = resolver.resolve(condition[key], ctx)
-                    except resolver.ResolutionError:
-                        pass
-            evaluations.append(entry)
-        outcome = all(e["Outcome"] for e in evaluations)
-        with open(log_path, "a", encoding="utf-8") as fh:
-            fh.write(f"[engine] conditions {json.dumps(evaluations, default=str)} -> {outcome}\n")
-        return {"Outcome": outcome, "EvaluatedConditions": evaluations}
-
-    def _step_fail(self, execution, step, ctx, job_dir, log_path, attempt):  # noqa: ANN001
-        message = resolver.resolve(step.arguments.get("ErrorMessage", ""), ctx)
-        raise StepFailed(str(message) if message not in (None, "") else f"FailStep {step.name} reached")
-
-    def _step_registermodel(self, execution, step, ctx, job_dir, log_path, attempt):  # noqa: ANN001
-        from pipelines.local.storage import registry
-
-        # The request carries the step's identity (execution ARN + step name) as CreateModelPackage's idempotency
-        # token, recorded with the arguments before the call: an attempt that dies after the registry's commit is
-        # retried with the same token and gets the same package back instead of registering the artifact again.
-        arguments = resolver.resolve(step.arguments, ctx)
-        token = registry.client_token(execution["arn"], step.name)
-        request = {**arguments, "ClientToken": token}
-        self.records.set_step_arguments(execution["execution_id"], step.name, request, None)
-        earlier = registry.package_for_token(token)
-        try:  # through the SageMaker API, as on AWS: the service emits the package's state-change event
-            sagemaker = local_client("sagemaker")
-            _ensure_package_group(sagemaker, request.get("ModelPackageGroupName"))
-            created = sagemaker.create_model_package(**request)
-        except Exception as exc:  # botocore ParamValidationError, ClientError (IdempotentParameterMismatch too)
-            raise StepFailed(f"CreateModelPackage failed: {exc}") from exc
-        described = registry.get_package(created["ModelPackageArn"]).describe()
-        with open(log_path, "a", encoding="utf-8") as fh:
-            how = "reused (an earlier attempt registered it)" if earlier else "registered"
-            fh.write(f"[engine] {how} {created['ModelPackageArn']} ({described.get('ModelApprovalStatus')}), "
-                     f"ClientToken {token}\n")
-        return {**described, "ModelPackageArn": created["ModelPackageArn"]}
-
-    def _step_lambda(self, execution, step, ctx, job_dir, log_path, attempt):  # noqa: ANN001
-        """Invoke the function (Lambda ``Invoke``, RequestResponse) on the local AWS service, as SageMaker does."""
-        function_arn = str(step.spec.get("FunctionArn", ""))
-        fn_name = function_name(function_arn)
-        event = resolver.resolve(step.arguments, ctx)
-        self.records.set_step_arguments(execution["execution_id"], step.name, event, None)
-        with open(log_path, "a", encoding="utf-8") as fh:
-            fh.write(f"[engine] invoking {function_arn} with {json.dumps(event, default=str)}\n")
-        result = _invoke_function(function_arn, event, log_path)
-        if not isinstance(result, dict):
-            raise StepFailed(f"Lambda function {fn_name} returned {type(result).__name__}, expected a JSON object")
-        outputs: dict[str, Any] = {}
-        for spec in step.spec.get("OutputParameters") or []:
-            out_name, out_type = spec["OutputName"], spec.get("OutputType", "String")
-            if out_name not in result:
-                raise StepFailed(f"Lambda function {fn_name} output has no {out_name!r} "
-                                 f"(declared in OutputParameters; got {sorted(result)})")
-            value = result[out_name]
-            if value is None:
-                outputs[out_name] = ""
-            elif out_type == "Integer":
-                outputs[out_name] = int(value)
-            elif out_type == "Float":
-                outputs[out_name] = float(value)
-            elif out_type == "Boolean":
-                outputs[out_name] = bool(value)
-            else:
-                outputs[out_name] = value if isinstance(value, str) else json.dumps(value, default=str)
-        return {"OutputParameters": outputs, "Output": result}
-
-
-def _ensure_package_group(sagemaker: Any, group: str | None) -> None:
-    """SageMaker Pipelines' RegisterModel step creates its model package group when it does not exist yet."""
-    from botocore.exceptions import ClientError
-
-    if not group or group.startswith("arn:"):
-        return
-    try:
-        sagemaker.describe_model_package_group(ModelPackageGroupName=group)
-    except ClientError:
-        try:
-            sagemaker.create_model_package_group(ModelPackageGroupName=group)
-        except ClientError as exc:  # created concurrently by another step: fine
-            if "already exists" not in str(exc):
-                raise
-
-
-def _invoke_function(function_arn: str, event: Any, log_path: Path) -> Any:
-    """The function's JSON answer; its error (``FunctionError``), or a Lambda API error, is :class:`StepFailed`."""
-    import base64
-
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    fn_name = function_name(function_arn)
-    try:
-        answer = local_client("lambda").invoke(FunctionName=function_arn, InvocationType="RequestResponse",
-                                               LogType="Tail", Payload=json.dumps(event, default=str).encode())
-    except ClientError as exc:
-        raise StepFailed(f"Lambda Invoke {fn_name} failed: {exc}") from exc
-    except BotoCoreError as exc:
-        raise StepFailed(f"Lambda Invoke {fn_name}: the local Lambda service did not answer: {exc}") from exc
-    payload = answer["Payload"].read()
-    log_tail = base64.b64decode(answer.get("LogResult") or b"").decode("utf-8", "replace")
-    with open(log_path, "a", encoding="utf-8") as fh:
-        fh.write(f"[engine] {fn_name} log (tail):\n{log_tail}\n[engine] {fn_name} returned {payload[:4000]!r}\n")
-    try:
-        result = json.loads(payload) if payload.strip() else None
-    except ValueError as exc:
-        raise StepFailed(f"Lambda function {fn_name} returned a payload that is not JSON: {payload[:200]!r}") from exc
-    if answer.get("FunctionError"):
-        message = result.get("errorMessage") if isinstance(result, dict) else payload[:500]
-        kind = result.get("errorType") if isinstance(result, dict) else answer["FunctionError"]
-        raise StepFailed(f"Lambda function {fn_name} failed: {kind}: {message}")
-    return result
-
-
-def _debugger_module() -> Any | None:
-    try:
-        from pipelines.local.debugger import hooks as debugger
-    except ImportError as exc:
-        logger.warning("Debugger/Profiler configuration ignored: pipelines.local.debugger.hooks unavailable (%s)", exc)
-        return None
-    return debugger
-
-
-def _evaluate_debugger(debugger: Any, request: Mapping[str, Any], job_dir: Path, log_path: Path) -> dict[str, Any]:
-    """Evaluate the Debugger/Profiler rules after training; never fails the step (as on SageMaker)."""
-    try:
-        result: dict[str, Any] = debugger.evaluate_rules_by_kind(dict(request), job_dir)
-    except Exception as exc:  # noqa: BLE001
-        logger.exception("Debugger rule evaluation failed")
-        result = {"DebugRuleEvaluationStatuses": [{"RuleConfigurationName": "DebuggerRules",
-                                                   "RuleEvaluationStatus": "Error",
-                                                   "StatusDetails": f"{type(exc).__name__}: {exc}"}],
-                  "ProfilerRuleEvaluationStatuses": []}
-    statuses = result["DebugRuleEvaluationStatuses"] + result["ProfilerRuleEvaluationStatuses"]
-    report = Path(debugger.report_path(job_dir))
-    if report.is_file():  # the ProfilerReport rule already wrote it
-        result["ProfilerReport"] = str(report)
-    else:
-        try:
-            result["ProfilerReport"] = str(debugger.write_profiler_report(job_dir, statuses))
-        except Exception:  # noqa: BLE001
-            logger.exception("profiler report failed")
-    with open(log_path, "a", encoding="utf-8") as fh:
-        for status in statuses:
-            fh.write(f"[debugger] {status.get('RuleConfigurationName')}: {status.get('RuleEvaluationStatus')} "
-                     f"{status.get('StatusDetails', '')}\n")
-        if result.get("ProfilerReport"):
-            fh.write(f"[profiler] report: {result['ProfilerReport']}\n")
-    return result
-
-
-def _upload_debugger_outputs(debugger: Any, request: Mapping[str, Any], job_name: str, job_dir: Path,
-                             artifacts: ArtifactStore) -> dict[str, Any]:
-    """Copy what Debugger and the Profiler left in the job to where SageMaker puts it: tensors to
-    ``<DebugHookConfig.S3OutputPath>/<job>/debug-output/``, each Debugger rule's output to
-    ``<DebugHookConfig.S3OutputPath>/<job>/rule-output/<rule>/``, each profiler rule's (the ProfilerReport) and the
-    trainer's profiler data to ``<ProfilerConfig.S3OutputPath>/<job>/{rule-output/<rule>,profiler-output}/``."""
-    uploaded: dict[str, str] = {}
-    debug_root = str((request.get("DebugHookConfig") or {}).get("S3OutputPath") or "").rstrip("/")
-    profiler_root = str((request.get("ProfilerConfig") or {}).get("S3OutputPath") or "").rstrip("/")
-    tensors = Path(debugger.tensors_dir(job_dir))
-    if debug_root and tensors.is_dir():
-        uploaded["DebugOutputS3Uri"] = f"{debug_root}/{job_name}/debug-output"
-        artifacts.copy_in(tensors, uploaded["DebugOutputS3Uri"])
-    profiler_data = job_dir / "output" / "data" / "profiler"
-    if profiler_root and profiler_data.is_dir():
-        uploaded["ProfilerOutputS3Uri"] = f"{profiler_root}/{job_name}/profiler-output"
-        artifacts.copy_in(profiler_data, uploaded["ProfilerOutputS3Uri"])
-    rule_roots = {str(c.get("RuleConfigurationName")): debug_root
-                  for c in request.get("DebugRuleConfigurations") or []}
-    rule_roots.update({str(c.get("RuleConfigurationName")): profiler_root
-                       for c in request.get("ProfilerRuleConfigurations") or []})
-    for rule, root in rule_roots.items():
-        local = job_dir / "rule-output" / rule
-        if root and local.is_dir():
-            artifacts.copy_in(local, f"{root}/{job_name}/rule-output/{rule}")
-    return uploaded
 
 
 def output_uris(properties: Mapping[str, Any]) -> list[str]:

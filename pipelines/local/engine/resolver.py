@@ -8,7 +8,8 @@ The definition JSON is the one ``Pipeline.definition()`` produces (and SageMaker
 - ``{"Get": "Steps.StepName.Some.Path['key'][0]"}`` -- a property of a finished step (its describe response,
   with ``ProcessingOutputConfig.Outputs`` / ``ProcessingInputs`` keyed by name, as the SDK's local executor does);
 - ``{"Get": "Steps.StepName.PropertyFiles.FileName"}`` -- a property file (only inside ``Std:JsonGet``);
-- ``{"Std:Join": {"On": sep, "Values": [...]}}`` and ``{"Std:JsonGet": {"PropertyFile": ..., "Path": ...}}``.
+- ``{"Std:Join": {"On": sep, "Values": [...]}}`` and ``{"Std:JsonGet": {"PropertyFile": ..., "Path": ...}}`` (or
+  ``{"S3Uri": <Join>, "Path": ...}``: the JSON object at a URI, ``JsonGet(s3_uri=...)``).
 
 Path lookups reuse the SDK's own ``sagemaker.local.utils.get_using_dot_notation`` (what ``sagemaker/local/pipeline.py``
 uses for property references and JsonGet paths); the condition types are the SDK's ``ConditionTypeEnum`` values.
@@ -60,6 +61,7 @@ class ResolverContext:
     execution: Mapping[str, Any] = field(default_factory=dict)
     step_properties: Callable[[str], Mapping[str, Any]] = lambda name: {}
     read_property_file: Callable[[str, str], Any] | None = None
+    read_json_uri: Callable[[str], Any] | None = None
     symbolic_execution: bool = False
 
 
@@ -228,8 +230,14 @@ def resolve_json_get(spec: Mapping[str, Any], ctx: ResolverContext) -> Any:
             raise ResolutionError("no property file reader configured")
         data = ctx.read_property_file(step, file_name)
         return lookup_path(data, path, f"property file {file_name} of step {step}")
-    raise ResolutionError("Std:JsonGet without a PropertyFile is not supported by the local engine "
-                          f"(use a PropertyFile): {spec!r}")
+    if "S3Uri" in spec:  # JsonGet(s3_uri=Join(...)): the JSON object at that URI
+        uri = to_join_string(resolve(spec["S3Uri"], ctx))
+        if ctx.symbolic_execution:
+            return "{JsonGet " + uri + ":" + path + "}"
+        if ctx.read_json_uri is None:
+            raise ResolutionError("no S3 JSON reader configured")
+        return lookup_path(ctx.read_json_uri(uri), path, f"JSON object {uri}")
+    raise ResolutionError(f"malformed Std:JsonGet (neither PropertyFile nor S3Uri): {spec!r}")
 
 
 def resolve(obj: Any, ctx: ResolverContext) -> Any:

@@ -151,7 +151,7 @@ def optuna_storage() -> optuna.storages.RDBStorage:
 
 
 def _objective_regex(definition: Mapping[str, Any], metric_name: str) -> re.Pattern[str]:
-    for metric in (definition.get("AlgorithmSpecification") or {}).get("MetricDefinitions") or []:
+    for metric in jobs.metric_definitions(definition.get("AlgorithmSpecification") or {}):
         if metric.get("Name") == metric_name:
             return re.compile(metric["Regex"])
     raise TuningError(f"objective metric {metric_name!r} has no MetricDefinitions entry in the training job "

@@ -19,6 +19,12 @@ every requirement is already satisfied; measured offline with an unreachable ind
 project's requirements) and ``PIP_NO_INPUT=1``; a caller's own ``PIP_*`` values win. New requirements are
 downloaded as on SageMaker, from the configured index.
 
+With ``base`` (an image environment from :mod:`pipelines.local.jobs.envs`, e.g. scikit-learn 1.2 for the
+``sagemaker-scikit-learn:1.2-1`` image), the ``.pth`` adds *that* environment's site directories instead of the
+engine's: the job sees the image's packages (and its ``sagemaker-training``, the engine's version), not the engine's;
+``requirements.txt`` still lands in the job environment and shadows them. The base is built from the engine's base
+interpreter (:func:`pipelines.local.jobs.envs.base_python`), so its packages fit the job interpreter's version.
+
 The environment lives beside the job directory (``<job_dir>.jobenv``, outside the ``/opt/ml`` stand-in) and is
 deleted when the job ends: a fresh one per job, like a fresh container, so nothing a job installs leaks into another.
 """
@@ -35,6 +41,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipelines.local.jobs.envs import ImageEnvironment
 
 TOOLKIT_DISTRIBUTION = "sagemaker-training"
 TOOLKIT_SCRIPT = "train"
@@ -87,8 +97,9 @@ def toolkit_entry_point() -> str:
                        "SageMaker's training containers run (pip install sagemaker-training)")
 
 
-def create(root: Path) -> JobEnvironment:
-    """Create a fresh job environment at ``root`` (replacing what is there)."""
+def create(root: Path, *, base: ImageEnvironment | None = None) -> JobEnvironment:
+    """Create a fresh job environment at ``root`` (replacing what is there), over the engine's packages or, with
+    ``base``, over that image environment's."""
     root = Path(root)
     if root.exists():
         shutil.rmtree(root)
@@ -99,13 +110,19 @@ def create(root: Path) -> JobEnvironment:
     python = bin_dir / ("python.exe" if os.name == "nt" else "python")
     site_packages.mkdir(parents=True, exist_ok=True)
     (site_packages / PTH_NAME).write_text(
-        "".join(f"import site; site.addsitedir({d!r})\n" for d in engine_site_dirs()), encoding="utf-8")
-    module, _, function = toolkit_entry_point().partition(":")
-    script = bin_dir / TOOLKIT_SCRIPT
-    script.write_text(f"#!{python}\nimport sys\nfrom {module} import {function}\n"
-                      f"if __name__ == '__main__':\n    sys.exit({function}())\n", encoding="utf-8")
-    script.chmod(0o755)
+        "".join(f"import site; site.addsitedir({d!r})\n" for d in (base.site_dirs if base else engine_site_dirs())),
+        encoding="utf-8")
+    _console_script(bin_dir / TOOLKIT_SCRIPT, python, toolkit_entry_point())
+    for name in ("pip", "pip3"):  # a container's pip: installs into this environment (scripts such as runproc.sh)
+        _console_script(bin_dir / name, python, "pip._internal.cli.main:main")
     return JobEnvironment(root=root, python=python, bin_dir=bin_dir, site_packages=site_packages)
+
+
+def _console_script(path: Path, python: Path, entry_point: str) -> None:
+    module, _, function = entry_point.partition(":")
+    path.write_text(f"#!{python}\nimport sys\nfrom {module} import {function}\n"
+                    f"if __name__ == '__main__':\n    sys.exit({function}())\n", encoding="utf-8")
+    path.chmod(0o755)
 
 
 def location(job_dir: Path) -> Path:

@@ -82,6 +82,7 @@ from typing import Any
 
 from pipelines.local.engine.resolver import decode_hyperparameter
 from pipelines.local.jobs import environment as job_env
+from pipelines.local.jobs import envs, images, sandbox
 from pipelines.local.storage import store as store_mod
 from pipelines.local.storage.store import ArtifactStore
 from training.archives import safe_extract
@@ -419,11 +420,24 @@ def _pump(proc: subprocess.Popen[str], log: Any, on_line: OnLine | None, stop: _
             logger.exception("log observer failed")
 
 
+def _sandboxed(cmd: list[str], cwd: Path, env: Mapping[str, str], opt_ml: Path | None, log: Any) -> list[str]:
+    """``cmd`` run with ``opt_ml`` mounted at ``/opt/ml`` (:mod:`sandbox`); unchanged, with a warning in the log,
+    where no mechanism works here. The job's own executable is checked first (the wrapper's would be found)."""
+    if opt_ml is None:
+        return cmd
+    _executable(cmd[0], cwd, env)
+    box = sandbox.detect()
+    if box.warning:
+        log.write(f"[engine] warning: {box.warning}\n")
+    return sandbox.wrap(cmd, opt_ml, sandbox=box)
+
+
 def run_command(cmd: list[str], *, cwd: Path, env: Mapping[str, str], log_path: Path,
                 on_line: OnLine | None = None, control: JobControl | None = None,
-                timeout_s: float | None = None) -> int:
+                timeout_s: float | None = None, opt_ml: Path | None = None) -> int:
     """Run ``cmd`` (under the job guard, above), teeing stdout+stderr line by line to ``log_path`` and ``on_line``.
 
+    With ``opt_ml`` (the job directory) the job sees that directory at ``/opt/ml`` (:func:`sandbox.wrap`).
     ``on_line`` returning True kills the job (:class:`JobStopped`, "pruned"); so does ``control.stop()``, and
     ``timeout_s`` (:class:`MaxRuntimeExceeded`). A job killed while ``control`` is stopped is stopped, whatever its
     exit status. Otherwise returns the job's own exit status: ``Popen.returncode``, negative for a signal.
@@ -433,7 +447,7 @@ def run_command(cmd: list[str], *, cwd: Path, env: Mapping[str, str], log_path: 
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
-        proc = _spawn(cmd, cwd, env)
+        proc = _spawn(_sandboxed(cmd, cwd, env, opt_ml, log), cwd, env)
         if control is not None:
             control.register(proc)
         done = threading.Event()
@@ -644,6 +658,10 @@ def _container_env(request: Mapping[str, Any], job_name: str, layout: _Layout) -
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("SM_") and k not in TOOLKIT_INPUT_ENV}
     env.update(IMAGE_ENV)
+    if envs.spec_for((request.get("AlgorithmSpecification") or {}).get("TrainingImage")) is not None:
+        # Another framework's image (scikit-learn, XGBoost script mode): its framework module is not installable;
+        # without one the toolkit runs the entry point itself, which is all those modules do.
+        env.pop("SAGEMAKER_TRAINING_MODULE")
     env.update({str(k): str(v) for k, v in (request.get("Environment") or {}).items()})
     env.update({"TRAINING_JOB_NAME": job_name, "TRAINING_JOB_ARN": _arn("training-job", job_name),
                 "SAGEMAKER_BASE_DIR": str(layout.root), "SM_STUDIO_LOCAL_MODE": "True",
@@ -651,16 +669,84 @@ def _container_env(request: Mapping[str, Any], job_name: str, layout: _Layout) -
     return env
 
 
-def _run_toolkit(env: Mapping[str, str], layout: _Layout, log_path: Path, *, on_line: OnLine | None,
-                 control: JobControl | None, timeout_s: float | None) -> int:
-    """Run the image's command (``train``) in a fresh job environment beside the job dir; return its exit code."""
+def image_environment(image_uri: str | None, log_path: Path) -> envs.ImageEnvironment | None:
+    """The environment of the job's image (built once and cached, :mod:`envs`), ``None`` for the project's own;
+    what was chosen goes to the job's log. :class:`JobError` naming the package when it cannot be built."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def say(message: str) -> None:
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"[engine] {message}\n")
+
     try:
-        jenv = job_env.create(job_env.location(layout.root))
+        return envs.for_image(image_uri, log=say)
+    except envs.EnvironmentUnavailable as exc:
+        raise JobError(str(exc)) from exc
+
+
+#: The built-in XGBoost algorithm, run with the open-source ``xgboost`` package (``python <it> train``).
+XGBOOST_ALGORITHM = Path(__file__).with_name("xgboost_algorithm.py")
+
+Command = Callable[[job_env.JobEnvironment], list[str]]
+
+
+def _python_in(jenv: job_env.JobEnvironment, argv: list[str]) -> list[str]:
+    """``argv`` with a leading ``python``/``python3[.x]`` (a container's interpreter) replaced by the job's."""
+    if argv and re.fullmatch(r"python(3(\.\d+)?)?", Path(argv[0]).name):
+        return [str(jenv.python), *argv[1:]]
+    return argv
+
+
+def training_command(request: Mapping[str, Any], hyperparameters: Mapping[str, str], root: Path) -> Command:
+    """What the training image would run: its ``ContainerEntrypoint``; the training toolkit (script mode,
+    ``sagemaker_program``); or the built-in XGBoost algorithm. :class:`JobError` for other built-in algorithms."""
+    spec = request.get("AlgorithmSpecification") or {}
+    entrypoint = [str(x) for x in spec.get("ContainerEntrypoint") or []]
+    if entrypoint:
+        argv = [remap(x, root) for x in entrypoint + [str(x) for x in spec.get("ContainerArguments") or []]]
+        return lambda jenv: _python_in(jenv, argv)
+    if decode_hyperparameter(hyperparameters.get("sagemaker_program", "")):
+        return lambda jenv: [str(jenv.python), str(jenv.train)]
+    uri = str(spec.get("TrainingImage") or "")
+    image = images.parse(uri)
+    if image.algorithm and image.framework == "xgboost":
+        return lambda jenv: [str(jenv.python), str(XGBOOST_ALGORITHM), "train"]
+    if image.algorithm:
+        raise JobError(f"the built-in {image.framework} algorithm ({uri}) does not run locally: of SageMaker's "
+                       "built-in algorithms only XGBoost does (through the open-source xgboost package)")
+    if spec.get("AlgorithmName"):
+        raise JobError(f"algorithm resource {spec['AlgorithmName']!r} does not run locally (no image to run)")
+    raise JobError("training request has no sagemaker_program/sagemaker_submit_directory hyperparameters and no "
+                   "ContainerEntrypoint: the local engine runs script-mode (framework) estimators, built-in "
+                   "XGBoost and explicit entrypoints")
+
+
+def metric_definitions(algorithm_specification: Mapping[str, Any]) -> list[Mapping[str, str]]:
+    """The job's ``MetricDefinitions``; for the built-in XGBoost algorithm without any, the algorithm's own (what
+    SageMaker uses for its ``validation:rmse``-style names)."""
+    defined = list(algorithm_specification.get("MetricDefinitions") or [])
+    if defined:
+        return defined
+    image = images.parse(str(algorithm_specification.get("TrainingImage") or ""))
+    if image.algorithm and image.framework == "xgboost":
+        from pipelines.local.jobs import xgboost_algorithm
+
+        return xgboost_algorithm.metric_definitions()
+    return []
+
+
+def _run_in_job_env(command: Command, env: Mapping[str, str], root: Path, log_path: Path, *,
+                    base: envs.ImageEnvironment | None, on_line: OnLine | None, control: JobControl | None,
+                    timeout_s: float | None) -> int:
+    """Run ``command`` in a fresh job environment beside the job dir (over ``base``, the image's environment, or
+    the engine's), with the job dir at ``/opt/ml``; return its exit code."""
+    try:
+        jenv = job_env.create(job_env.location(root), base=base)
     except (OSError, RuntimeError) as exc:
         raise JobError(f"cannot create the job's Python environment: {exc}") from exc
     try:
-        return run_command([str(jenv.python), str(jenv.train)], cwd=layout.root, env=jenv.environ(env),
-                           log_path=log_path, on_line=on_line, control=control, timeout_s=timeout_s)
+        return run_command(command(jenv), cwd=root, env=jenv.environ(env), log_path=log_path, on_line=on_line,
+                           control=control, timeout_s=timeout_s, opt_ml=root)
     finally:
         jenv.remove()
 
@@ -690,12 +776,13 @@ def _sync_checkpoints(request: Mapping[str, Any], layout: _Layout, artifacts: Ar
 
 
 def _run_job(request: Mapping[str, Any], env: Mapping[str, str], layout: _Layout, artifacts: ArtifactStore,
-             log_path: Path, *, on_line: OnLine | None, control: JobControl | None) -> int:
+             log_path: Path, command: Command, *, on_line: OnLine | None, control: JobControl | None) -> int:
     timeout = (request.get("StoppingCondition") or {}).get("MaxRuntimeInSeconds")
+    base = image_environment((request.get("AlgorithmSpecification") or {}).get("TrainingImage"), log_path)
     _sync_checkpoints(request, layout, artifacts, upload=False)
     try:
-        return _run_toolkit(env, layout, log_path, on_line=on_line, control=control,
-                            timeout_s=float(timeout) if timeout else None)
+        return _run_in_job_env(command, env, layout.root, log_path, base=base, on_line=on_line, control=control,
+                               timeout_s=float(timeout) if timeout else None)
     finally:  # also when the job failed or was stopped: that is what resuming relies on
         _sync_checkpoints(request, layout, artifacts, upload=True)
 
@@ -749,7 +836,7 @@ def _describe(request: Mapping[str, Any], job_name: str, layout: _Layout, log_pa
     """DescribeTrainingJob: the request's fields as SageMaker echoes them (DebugHookConfig, CheckpointConfig...),
     then the job's outcome."""
     log_text = log_path.read_text(errors="replace") if log_path.is_file() else ""
-    metric_definitions = (request.get("AlgorithmSpecification") or {}).get("MetricDefinitions") or []
+    definitions = metric_definitions(request.get("AlgorithmSpecification") or {})
     ended = time.time()
     described = {k: v for k, v in request.items() if k in _described_request_fields()}
     return {
@@ -765,7 +852,7 @@ def _describe(request: Mapping[str, Any], job_name: str, layout: _Layout, log_pa
                                or {}),
         "ModelArtifacts": {"S3ModelArtifacts": uris[0]},
         "OutputDataUri": uris[1],
-        "FinalMetricDataList": final_metrics(log_text, metric_definitions),
+        "FinalMetricDataList": final_metrics(log_text, definitions),
         "TrainingStartTime": started,
         "TrainingEndTime": ended,
         "TrainingTimeInSeconds": int(ended - started),
@@ -789,7 +876,9 @@ def run_training_job(request: Mapping[str, Any], job_name: str, job_dir: Path, a
     started = time.time()
     layout = _Layout.create(Path(job_dir), request)
     hyperparameters = {str(k): str(v) for k, v in (request.get("HyperParameters") or {}).items()}
-    _install_code(hyperparameters, layout.code, artifacts)
+    command = training_command(request, hyperparameters, layout.root)
+    if decode_hyperparameter(hyperparameters.get("sagemaker_program", "")):
+        _install_code(hyperparameters, layout.code, artifacts)
     channels = _fetch_channels(request, layout.data, artifacts)
     resource = request.get("ResourceConfig") or request.get("HyperParameterTuningResourceConfig") or {}
     _write_input_config(layout, hyperparameters, channels, _resource_config(resource))
@@ -799,7 +888,7 @@ def run_training_job(request: Mapping[str, Any], job_name: str, job_dir: Path, a
     env.update({str(k): str(v) for k, v in (extra_env or {}).items()})
     if prepare is not None:
         env.update({str(k): str(v) for k, v in (prepare(layout.root) or {}).items()})
-    code = _run_job(request, env, layout, artifacts, log_path, on_line=on_line, control=control)
+    code = _run_job(request, env, layout, artifacts, log_path, command, on_line=on_line, control=control)
     if code != 0:
         raise JobError(training_failure_reason(layout.root, log_path, code))
     uris = _upload_outputs(request, job_name, layout, hyperparameters, artifacts)
@@ -859,15 +948,14 @@ def run_processing_job(request: Mapping[str, Any], job_name: str, job_dir: Path,
         raise JobError("AppSpecification.ContainerEntrypoint is required to run a processing job locally "
                        "(the image's default entrypoint is unknown without Docker)")
     cmd = [remap(x, job_dir) for x in entrypoint + arguments]
-    if Path(cmd[0]).name in ("python", "python3") or re.fullmatch(r"python3(\.\d+)?", Path(cmd[0]).name):
-        cmd[0] = sys.executable
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in (request.get("Environment") or {}).items()})
     env["PYTHONUNBUFFERED"] = "1"
     env["PROCESSING_JOB_NAME"] = job_name
     timeout = (request.get("StoppingCondition") or {}).get("MaxRuntimeInSeconds")
-    code = run_command(cmd, cwd=job_dir, env=env, log_path=log_path, on_line=on_line, control=control,
-                       timeout_s=float(timeout) if timeout else None)
+    base = image_environment(app.get("ImageUri"), log_path)
+    code = _run_in_job_env(lambda jenv: _python_in(jenv, cmd), env, job_dir, log_path, base=base, on_line=on_line,
+                           control=control, timeout_s=float(timeout) if timeout else None)
     if code != 0:
         raise JobError(_failure_message(job_dir, log_path, code))
     for _name, local, uri in output_dirs:

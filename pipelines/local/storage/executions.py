@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import sqlite3
 import threading
@@ -280,16 +281,25 @@ class ExecutionStore:
         return [_row(r) for r in rows]  # type: ignore[misc]
 
 
-def parse_iso_duration(text: str) -> float:
-    """Seconds of an ISO-8601 duration as CacheConfig.ExpireAfter uses (``P30D``, ``PT1H``, ``P1Y2M``, ``P2W``)."""
-    import re
+_ISO_DURATION = re.compile(r"P(?:(?P<Y>\d+(?:\.\d+)?)Y)?(?:(?P<MO>\d+(?:\.\d+)?)M)?(?:(?P<W>\d+(?:\.\d+)?)W)?"
+                           r"(?:(?P<D>\d+(?:\.\d+)?)D)?(?:T(?:(?P<H>\d+(?:\.\d+)?)H)?(?:(?P<MI>\d+(?:\.\d+)?)M)?"
+                           r"(?:(?P<S>\d+(?:\.\d+)?)S)?)?")
+_SHORT_DURATION = re.compile(r"(?:(?P<W>\d+(?:\.\d+)?)W)?(?:(?P<D>\d+(?:\.\d+)?)D)?(?:(?P<H>\d+(?:\.\d+)?)H)?"
+                             r"(?:(?P<MI>\d+(?:\.\d+)?)M)?(?:(?P<S>\d+(?:\.\d+)?)S)?")
+_SECONDS = {"Y": 365 * 86400, "MO": 30 * 86400, "W": 7 * 86400, "D": 86400, "H": 3600, "MI": 60, "S": 1}
 
-    match = re.fullmatch(r"P(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)W)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?",
-                         text.strip().upper())
-    if not match or text.strip().upper() in ("P", "PT"):
-        raise ValueError(f"invalid ISO-8601 duration {text!r} (e.g. P30D, PT12H)")
-    y, mo, w, d, h, mi, s = (int(g) if g else 0 for g in match.groups())
-    return float(((((y * 365 + mo * 30 + w * 7 + d) * 24 + h) * 60 + mi) * 60) + s)
+
+def parse_iso_duration(text: str) -> float:
+    """Seconds of a ``CacheConfig.ExpireAfter``: an ISO-8601 duration (``P30D``, ``PT1H``, ``P1Y2M``, ``P2W``,
+    ``PT0.5H``; a year is 365 days, a month 30), also without its ``P`` (``T12H``) or in the short form AWS's own
+    notebooks write and SageMaker accepts (``30d``, ``12h``, ``1d12h``, ``90m``, ``2w``; case-insensitive)."""
+    raw = text.strip().upper()
+    candidates = [raw] if raw.startswith("P") else [f"P{raw}"] if raw.startswith("T") else []
+    for pattern, value in [(_ISO_DURATION, c) for c in candidates] + [(_SHORT_DURATION, raw)]:
+        match = pattern.fullmatch(value)
+        if match and any(match.groupdict().values()):
+            return float(sum(float(v) * _SECONDS[k] for k, v in match.groupdict().items() if v))
+    raise ValueError(f"invalid ExpireAfter duration {text!r} (ISO 8601 such as P30D or PT12H, or 30d, 12h)")
 
 
 def summarize_statuses(steps: Iterable[dict[str, Any]]) -> dict[str, int]:
