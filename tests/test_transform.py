@@ -19,6 +19,7 @@ from pipelines.local.jobs.transform import TransformSettings, make_batches, run_
 from pipelines.local.storage.store import ArtifactStore
 
 PYTORCH_IMAGE = "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.5-cpu-py311"
+LINEAR_LEARNER_IMAGE = "382416733822.dkr.ecr.us-east-1.amazonaws.com/linear-learner:1"
 XGBOOST_IMAGE = "683313688378.dkr.ecr.us-east-1.amazonaws.com/sagemaker-xgboost:1.7-1"
 
 # The toolkit's four functions on CSV lines: every request appends "<rows> <SAGEMAKER_BATCH_STRATEGY>" to
@@ -164,8 +165,8 @@ def test_unsupported_requests_and_models_fail_before_any_process(store, tmp_path
     for split in ("RecordIO", "TFRecord"):
         with pytest.raises(JobError, match=f"SplitType {split} is not supported by local batch transform"):
             _run(store, tmp_path, _request(split=split), model)
-    with pytest.raises(JobError, match="image .*sagemaker-xgboost:1.7-1 cannot be served locally.*XGBoost"):
-        _run(store, tmp_path, _request(), _model(store, tmp_path, image=XGBOOST_IMAGE, environment={}))
+    with pytest.raises(JobError, match="image .*linear-learner:1 cannot be served locally.*XGBoost"):
+        _run(store, tmp_path, _request(), _model(store, tmp_path, image=LINEAR_LEARNER_IMAGE, environment={}))
     with pytest.raises(JobError, match="JSONPath"):
         _run(store, tmp_path, _request(DataProcessing={"InputFilter": "$[?(@.a)]"}), model)
     with pytest.raises(JobError, match="needs CSV or JSON input"):

@@ -524,7 +524,7 @@ def _failure_message(job_dir: Path, log_path: Path, code: int) -> str:
     tail = ""
     if log_path.is_file():
         lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()
-                 and not ln.startswith("[engine]")]
+                 and not ln.startswith(("[engine]", "$ "))]
         tail = " | ".join(lines[-3:])
     return f"AlgorithmError: {describe_exit(code)}: {tail}"[-2000:]
 
@@ -798,7 +798,7 @@ def training_failure_reason(job_dir: Path, log_path: Path, code: int) -> str:
     text = failure.read_text(errors="replace").strip() if failure.is_file() else ""
     if not text and log_path.is_file():
         lines = [ln for ln in log_path.read_text(errors="replace").splitlines()
-                 if ln.strip() and not ln.startswith("[engine]")]
+                 if ln.strip() and not ln.startswith(("[engine]", "$ "))]
         text = " | ".join(lines[-3:])
     ending = f"exit code: {code}" if code >= 0 else describe_exit(code)  # killed by a signal: named
     return f"AlgorithmError: {text[:FAILURE_FILE_CHARS]}, {ending}"

@@ -472,16 +472,19 @@ def _container(model: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_servable(model_name: str, container: Mapping[str, Any]) -> None:
     """PyTorch inference images, and any container with a ``SAGEMAKER_PROGRAM`` handler, go through the
-    PyTorch inference toolkit; anything else (a built-in algorithm's own server) cannot be served locally."""
+    PyTorch inference toolkit; built-in XGBoost models through :mod:`pipelines.local.serving.xgboost_model`;
+    anything else (another built-in algorithm's own server) cannot be served locally."""
+    from pipelines.local.serving import xgboost_model
+
     image = str(container.get("Image") or "")
+    environment = {**(container.get("Environment") or {}), xgboost_model.IMAGE_ENV: image}
     repository = image.rsplit("/", 1)[-1].split(":", 1)[0].split("@", 1)[0].lower()
-    if "pytorch" in repository or (container.get("Environment") or {}).get("SAGEMAKER_PROGRAM"):
+    if "pytorch" in repository or environment.get("SAGEMAKER_PROGRAM") or xgboost_model.wanted(environment):
         return
-    hint = (" (the built-in XGBoost algorithm's default inference is not available locally)"
-            if "xgboost" in repository else "")
-    raise JobError(f"model {model_name!r}: image {image or '(none)'} cannot be served locally{hint}: the local serving "
-                   "path is SageMaker's PyTorch inference toolkit, which needs a PyTorch inference image or a "
-                   "SAGEMAKER_PROGRAM handler (model_fn/input_fn/predict_fn/output_fn in code/ of model.tar.gz)")
+    raise JobError(f"model {model_name!r}: image {image or '(none)'} cannot be served locally: the local serving "
+                   "paths are SageMaker's PyTorch inference toolkit (a PyTorch inference image or a "
+                   "SAGEMAKER_PROGRAM handler: model_fn/input_fn/predict_fn/output_fn in code/ of model.tar.gz) "
+                   "and the built-in XGBoost algorithm's")
 
 
 def _materialize_model(container: Mapping[str, Any], model_dir: Path, artifacts: ArtifactStore) -> Path:
@@ -565,7 +568,11 @@ def _input_objects(request: Mapping[str, Any], artifacts: ArtifactStore) -> list
 def _container_env(request: Mapping[str, Any], container: Mapping[str, Any],
                    settings: TransformSettings) -> dict[str, str]:
     """The model's environment, batch transform's ``SAGEMAKER_*`` variables, then the request's ``Environment``."""
+    from pipelines.local.serving.xgboost_model import IMAGE_ENV
+
     env = {str(k): str(v) for k, v in (container.get("Environment") or {}).items()}
+    if container.get("Image"):
+        env[IMAGE_ENV] = str(container["Image"])
     env.update({"SAGEMAKER_BATCH": "True", "SAGEMAKER_MAX_PAYLOAD_IN_MB": str(settings.max_payload_bytes // MB),
                 "SAGEMAKER_BATCH_STRATEGY": "MULTI_RECORD" if settings.batch_strategy == "MultiRecord"
                 else "SINGLE_RECORD", "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": str(settings.max_concurrent)})

@@ -79,6 +79,8 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+from pipelines.local.serving import xgboost_model
+
 logger = logging.getLogger("pipelines.local.serving.endpoint_server")
 
 DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker real-time inference payload limit
@@ -218,6 +220,11 @@ def load(model_dir: str | Path, generation: int, environment: dict[str, str] | N
     model_dir = Path(model_dir).resolve()
     if not model_dir.is_dir():
         raise HandlerLoadError(f"model directory {model_dir} does not exist")
+    if xgboost_model.wanted(environment):  # the XGBoost container's own server, not the PyTorch toolkit
+        try:
+            return xgboost_model.XGBoostLoaded(generation, str(model_dir), dict(environment or {}))  # type: ignore[return-value]
+        except Exception as exc:
+            raise HandlerLoadError(f"loading the XGBoost model from {model_dir} failed: {exc}") from exc
     if environment:
         os.environ.update({str(k): str(v) for k, v in environment.items()})
     code_dir = model_dir / "code"

@@ -37,7 +37,7 @@ from typing import Any
 
 import psutil
 
-from pipelines.local.serving import endpoint_server
+from pipelines.local.serving import endpoint_server, xgboost_model
 from pipelines.local.storage.store import ArtifactStore, connect, mlops_home
 from training.archives import is_archive, safe_extract
 
@@ -391,6 +391,8 @@ def materialize(endpoint_name: str, container: dict[str, Any], store: ArtifactSt
         logger.warning("endpoint %s: SAGEMAKER_SUBMIT_DIRECTORY=%s is ignored, as the PyTorch inference containers "
                        "ignore it; the handler must be in code/ inside %s", endpoint_name,
                        environment["SAGEMAKER_SUBMIT_DIRECTORY"], model_url)
+    if container.get("Image"):  # which server the model gets (the XGBoost container's or the PyTorch toolkit)
+        environment[xgboost_model.IMAGE_ENV] = str(container["Image"])
     return Deployment(model_dir=model_dir, environment=environment)
 
 
