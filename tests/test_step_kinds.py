@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from test_engine_semantics import BASE, ROLE, _s3_input, definition_of
 
 WRITE = '''

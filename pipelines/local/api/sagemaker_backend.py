@@ -228,13 +228,13 @@ class SageMakerBackend:
 
     def _get(self, table: str, name: str) -> dict[str, Any] | None:
         with self._db() as conn:
-            row = conn.execute(f"SELECT * FROM {table} WHERE name = ?", (name,)).fetchone()
+            row = conn.execute(f"SELECT * FROM {table} WHERE name = ? COLLATE NOCASE", (name,)).fetchone()
         return dict(row) if row else None
 
     def _delete(self, operation: str, table: str, name: str, arn: str, not_found: str) -> dict[str, Any]:
         """Delete a named resource row and its tags; ``not_found`` is the service's message when there is none."""
         with self._db(write=True) as conn:
-            if conn.execute(f"DELETE FROM {table} WHERE name = ?", (name,)).rowcount == 0:
+            if conn.execute(f"DELETE FROM {table} WHERE name = ? COLLATE NOCASE", (name,)).rowcount == 0:
                 raise _client_error(operation, not_found)
             conn.execute("DELETE FROM sm_tags WHERE resource_arn = ?", (arn,))
         return _response({})
@@ -329,7 +329,7 @@ class SageMakerBackend:
                 raise _client_error("CreateModel", "A container needs an Image or a ModelPackageName.")
         arn = model_arn(name)
         with self._db(write=True) as conn:
-            if conn.execute("SELECT 1 FROM sm_models WHERE name = ?", (name,)).fetchone():
+            if conn.execute("SELECT 1 FROM sm_models WHERE name = ? COLLATE NOCASE", (name,)).fetchone():
                 raise _client_error("CreateModel", f'Cannot create already existing model "{arn}".')
             conn.execute("INSERT INTO sm_models (name, arn, request, creation_time) VALUES (?,?,?,?)",
                          (name, arn, json.dumps(params), time.time()))

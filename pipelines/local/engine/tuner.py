@@ -202,6 +202,8 @@ def run_tuning_job(request: Mapping[str, Any], tuning_job_name: str, step_dir: P
                                      "DefinitionName", "HyperParameterTuningResourceConfig")}
     training_request["ResourceConfig"] = definition.get("ResourceConfig") or \
         definition.get("HyperParameterTuningResourceConfig") or {}
+    builtin = jobs.images.parse(str((definition.get("AlgorithmSpecification") or {}).get("TrainingImage") or "")
+                                ).algorithm and "sagemaker_program" not in static
     lock = threading.Lock()
     counter = {"next": 0}
     summaries: list[dict[str, Any]] = []
@@ -218,6 +220,8 @@ def run_tuning_job(request: Mapping[str, Any], tuning_job_name: str, step_dir: P
         """The trial's CreateTrainingJob request. SageMaker runs every trial as its own training job (its own
         name); we keep trials from resuming each other's checkpoints by giving each one the prefix
         ``<definition's CheckpointConfig.S3Uri>/<trial's training job name>``."""
+        if builtin:  # SageMaker tells a built-in algorithm's trials what they are tuned for
+            hps = {**hps, "_tuning_objective_metric": metric_name}
         job_request = {**training_request, "HyperParameters": hps}
         checkpoint = training_request.get("CheckpointConfig") or {}
         if checkpoint.get("S3Uri"):

@@ -16,7 +16,9 @@ one table, :data:`PACKAGE_SETS`; docs/JOB_ENVIRONMENTS.md has the mapping and th
 - uv is pointed at the index pip uses on this machine (:func:`uv_settings`): pip's effective configuration (``pip
   config list``: ``/etc/xdg/pip/pip.conf``, ``/etc/pip.conf``, the user's and the venv's ``pip.conf``, ``PIP_*``
   variables) becomes uv's ``--index-url``/``--extra-index-url``/``--find-links``/``--constraint`` and
-  ``SSL_CERT_FILE``, each unless the matching ``UV_*`` variable is set (uv's own configuration wins);
+  ``SSL_CERT_FILE``, each unless the matching ``UV_*`` variable is set (uv's own configuration wins). pip's
+  constraint files are the engine's: an image environment gets them without the lines on packages the image bounds
+  itself, and without them at all when they still make it unsolvable (:func:`machine_constraints`);
 - a failed build raises :class:`EnvironmentUnavailable` naming the package(s) uv could not install and why.
 """
 
@@ -90,12 +92,22 @@ PACKAGE_SETS: tuple[PackageSet, ...] = (
     PackageSet("huggingface", "transformers", None, ("datasets", "pandas", "scipy", "boto3")),
 )
 
+#: In every framework container besides its companions: ``requests`` (scripts download with it: the MLOps
+#: template's preprocess.py does), and ``pip`` (the toolkit installs ``requirements.txt`` with ``python -m pip``;
+#: FrameworkProcessor's ``runproc.sh`` runs ``pip install``). uv's venvs have no pip of their own.
+CONTAINER_BASICS = ("requests", "pip")
+
 #: The first release of a compiled framework with wheels for a CPython version (``uv pip compile --only-binary
 #: --resolution lowest-direct`` against PyPI): an older image version gets this release's series instead.
 WHEEL_FLOORS: dict[str, dict[tuple[int, int], str]] = {
     "scikit-learn": {(3, 11): "1.1.3", (3, 12): "1.3.1", (3, 13): "1.5.2", (3, 14): "1.7.2"},
     "tensorflow": {(3, 11): "2.12.0", (3, 12): "2.16.1", (3, 13): "2.20.0"},
+    "torch": {(3, 11): "1.13.0", (3, 12): "2.2.0", (3, 13): "2.5.0"},
 }
+
+#: Base frameworks (Hugging Face images) compiled against numpy 1 whose wheels do not say so (torch declares no numpy
+#: bound): below this series the environment also gets ``numpy<2`` (torch supports numpy 2 from 2.3).
+NUMPY1_BELOW = {"torch": "2.3"}
 
 #: Installed from wheels only: building these from source takes very long on a small CPU and usually fails; without
 #: a wheel for this interpreter the build fails fast, naming the package.
@@ -104,6 +116,9 @@ BINARY_ONLY = frozenset({"scikit-learn", "xgboost", "numpy", "scipy", "pandas", 
 #: Legacy image versions that name no framework release: the built-in ``xgboost:1`` algorithm is XGBoost 0.72 (no
 #: wheels on PyPI); the nearest installable is 0.90, the first script-mode image's.
 VERSION_ALIASES = {("xgboost", "1"): "0.90"}
+#: Why each alias of :data:`VERSION_ALIASES` was chosen (the environment's note says it).
+ALIAS_REASONS = {("xgboost", "1"): "the built-in algorithm's image 1 is XGBoost 0.72, which has no wheel on PyPI: "
+                                   "nearest installable"}
 
 #: Images whose jobs run in the project's own environment: the engine's venv has torch (2.14.1, from this machine's
 #: disk: not pip-installable here).
@@ -228,12 +243,20 @@ def spec_for(image_uri: str | None) -> EnvSpec | None:
     version = VERSION_ALIASES.get((image.framework, image.version or ""), image.version)
     requirement, shown, why = _pinned(row.package, version)
     if version != image.version and not why:
-        why = f"legacy image version {image.version}: nearest installable"
+        why = ALIAS_REASONS.get((image.framework, image.version or ""),
+                                f"legacy image version {image.version}: nearest installable")
     extra: tuple[str, ...] = ()
     if image.base_framework and image.base_version:
         base_package = "torch" if image.base_framework == "pytorch" else image.base_framework
-        extra = (_pinned(base_package, image.base_version)[0],)
-    packages = (requirement, *extra, *row.companions, toolkit_requirement())
+        base_requirement, _, base_why = _pinned(base_package, image.base_version)
+        extra = (base_requirement,)
+        below = NUMPY1_BELOW.get(base_package)
+        if below and _older(_series(base_requirement.split("==", 1)[-1].rstrip(".*")), below) and \
+                not any(c.startswith("numpy") for c in row.companions):
+            extra += ("numpy<2",)
+        if base_why:
+            why = f"{why}; {base_why}" if why else base_why
+    packages = (requirement, *extra, *row.companions, *CONTAINER_BASICS, toolkit_requirement())
     label = f"{image.framework} {image.version or 'latest'}"
     note = f"{row.package} {shown} (image {image.version or image.tag}{'; ' + why if why else ''})"
     return EnvSpec(key=_key(label, packages), label=label, packages=packages, note=note)
@@ -307,9 +330,12 @@ def uv_settings(env: dict[str, str] | None = None) -> tuple[list[str], dict[str,
     indexes = False
     for key, flag, uv_vars in flags:
         if key in pip and not any(env.get(v) for v in uv_vars):
-            for value in pip[key].split():
+            values = pip[key].split()
+            if key == "find-links":
+                values = [value for value in values if _location_exists(value)]
+            for value in values:
                 args += [flag, value]
-            indexes = indexes or key in ("index-url", "extra-index-url", "find-links")
+            indexes = indexes or (bool(values) and key in ("index-url", "extra-index-url", "find-links"))
     if pip.get("no-index", "").lower() in ("1", "true", "yes", "on") and not env.get("UV_NO_INDEX"):
         args.append("--no-index")
     if indexes and not env.get("UV_INDEX_STRATEGY"):
@@ -321,6 +347,93 @@ def uv_settings(env: dict[str, str] | None = None) -> tuple[list[str], dict[str,
     if timeout and not env.get("UV_HTTP_TIMEOUT"):
         extra["UV_HTTP_TIMEOUT"] = str(int(float(timeout)))
     return args, extra
+
+
+def _location_exists(value: str) -> bool:
+    """Whether a ``find-links`` location can be read: URLs are left to uv; a local directory or ``file://`` path that
+    is not there is dropped, as pip drops it (with a warning) where uv would refuse to run at all."""
+    if "://" in value and not value.startswith("file://"):
+        return True
+    path = Path(value[len("file://"):] if value.startswith("file://") else value)
+    if path.exists():
+        return True
+    logger.warning("pip's find-links location %s does not exist: not passed to uv (pip ignores it too)", value)
+    return False
+
+
+# ------------------------------------------------------------------------------------------------------ constraints
+
+#: Where a build keeps the machine constraints it applied (inside the environment, beside the marker).
+CONSTRAINTS_NAME = ".machine-constraints.txt"
+_INCLUDE = re.compile(r"^(?P<flag>-c|-r|--constraint|--requirement)(?:\s+|=)(?P<path>\S+)\s*$")
+
+
+def _split_constraints(options: list[str]) -> tuple[list[str], list[str]]:
+    """``(options without --constraint, the constraint files)`` of :func:`uv_settings`' options."""
+    rest: list[str] = []
+    files: list[str] = []
+    pairs = iter(options)
+    for option in pairs:
+        if option == "--constraint":
+            files.append(next(pairs, ""))
+        else:
+            rest.append(option)
+    return rest, [f for f in files if f]
+
+
+def _bounded_names(packages: tuple[str, ...]) -> set[str]:
+    """The packages that ``packages`` give a version bound (``numpy<2``, ``scikit-learn==1.2.*``; not ``boto3``)."""
+    names = set()
+    for package in packages:
+        requirement = package.split(";", 1)[0]
+        if re.search(r"[<>=!~]", requirement):
+            names.add(_normalize(re.split(r"[<>=!~\[ ]", requirement, maxsplit=1)[0]))
+    return names
+
+
+def machine_constraints(spec: EnvSpec, files: list[str]) -> tuple[list[str], list[str]]:
+    """``(kept lines, dropped lines)`` of the machine's pip constraint ``files`` for ``spec``'s environment.
+
+    The machine's constraints (``/etc/xdg/pip/constraints.txt`` here: torch/torchvision capped at the releases on
+    this machine's disk) are written for the engine's own environment. An image environment is held to the image's
+    bounds instead: a constraint line on a package the spec bounds itself (``numpy<2`` for scikit-learn 1.2) is
+    dropped, so a machine-wide ``numpy>=2`` cannot make an old image's environment unsolvable; the other lines are
+    kept (a cap on what this machine can download still applies). Includes (``-c other.txt``) are kept with their
+    path made absolute; a file that cannot be read is kept as an include (uv then reports it, as pip would)."""
+    bounded = _bounded_names(spec.packages)
+    kept: list[str] = []
+    dropped: list[str] = []
+    for name in files:
+        path = Path(name)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            kept.append(f"-c {name}")
+            continue
+        for raw in lines:
+            line = re.sub(r"(?:^|\s)#.*$", "", raw).strip()
+            if not line:
+                continue
+            include = _INCLUDE.match(line)
+            if include:
+                target = include["path"]
+                if "://" not in target and not Path(target).is_absolute():
+                    target = str((path.parent / target).resolve())
+                kept.append(f"{include['flag']} {target}")
+                continue
+            package = _normalize(re.split(r"[<>=!~;\[ @]", line, maxsplit=1)[0])
+            (dropped if package in bounded else kept).append(line)
+    return kept, dropped
+
+
+def _constraint_conflict(output: str, kept: list[str]) -> bool:
+    """Whether a failed resolution may be the machine constraints' doing: unsolvable (not offline) and naming a
+    package a kept constraint line names, or the kept lines include another file (whose names are not read)."""
+    if not re.search(r"No solution found|unsatisfiable", output) or re.search(r"network (?:was|is) disabled", output):
+        return False
+    names = {_normalize(re.split(r"[<>=!~;\[ @]", line, maxsplit=1)[0]) for line in kept if not line.startswith("-")}
+    mentioned = {_normalize(n) for n in re.findall(r"[A-Za-z0-9][\w.-]*", output)}
+    return bool(names & mentioned) or any(line.startswith("-") for line in kept)
 
 
 # ------------------------------------------------------------------------------------------------------ building
@@ -403,11 +516,12 @@ def _build(spec: EnvSpec, target: Path, log: Log | None) -> None:
     _say(log, f"building the {spec.label} environment with uv: {' '.join(spec.packages)}")
     started = time.monotonic()
     try:
-        freeze = _install(spec, tmp)
+        freeze, constraints = _install(spec, tmp, log)
         note = _resolved_note(spec, freeze)
         seconds = round(time.monotonic() - started, 1)
         marker = {"spec": dataclasses.asdict(spec), "note": note, "python": str(base_python()),
-                  "python_version": platform.python_version(), "built_s": seconds, "freeze": freeze}
+                  "python_version": platform.python_version(), "built_s": seconds, "constraints": constraints,
+                  "freeze": freeze}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         if target.exists():  # an incomplete leftover (no marker): replaced
             shutil.rmtree(target)
@@ -418,30 +532,58 @@ def _build(spec: EnvSpec, target: Path, log: Log | None) -> None:
     _say(log, f"built the {spec.label} environment in {seconds:.1f} s: {note}")
 
 
-def _install(spec: EnvSpec, tmp: Path) -> list[str]:
-    """Create the venv at ``tmp`` and install ``spec.packages``; ``uv pip freeze`` of the result."""
+def _install(spec: EnvSpec, tmp: Path, log: Log | None = None) -> tuple[list[str], dict[str, list[str]]]:
+    """Create the venv at ``tmp`` and install ``spec.packages``: ``(uv pip freeze of the result, the machine
+    constraints applied and dropped)``.
+
+    The machine's pip constraints go through :func:`machine_constraints` (lines on packages the image bounds are
+    dropped), written to ``<env>/.machine-constraints.txt``. Should the install still be unsolvable over a package
+    a kept line names, it is retried once without the machine's constraints: the image's own pins win."""
     uv = uv_bin()
     options, extra_env = uv_settings()
+    options, constraint_files = _split_constraints(options)
     env = {**os.environ, "UV_PYTHON_DOWNLOADS": os.environ.get("UV_PYTHON_DOWNLOADS", "never"), **extra_env}
     env.pop("VIRTUAL_ENV", None)
     python = _paths(tmp)[0]
     names = {_normalize(re.split(r"[<>=!~;\[ ]", p, maxsplit=1)[0]) for p in spec.packages}
     binary = [arg for name in sorted(names & BINARY_ONLY) for arg in ("--only-binary", name)]
     _run_uv(spec, [uv, "venv", "--relocatable", "--quiet", "--python", str(base_python()), str(tmp)], env)
-    _run_uv(spec, [uv, "pip", "install", "--python", str(python), *binary, *options, *spec.packages], env)
-    return _run_uv(spec, [uv, "pip", "freeze", "--python", str(python)], env).splitlines()
+    kept, dropped = machine_constraints(spec, constraint_files)
+    if dropped:
+        _say(log, f"{spec.label} environment: the machine's pip constraints {', '.join(dropped)} are not applied "
+                  "(the image's own bounds win)")
+    install = [uv, "pip", "install", "--python", str(python), *binary, *options]
+    constraint: list[str] = []
+    if kept:
+        path = tmp / CONSTRAINTS_NAME
+        path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        constraint = ["--constraint", str(path)]
+    done = _uv(spec, [*install, *constraint, *spec.packages], env)
+    if done.returncode != 0 and kept and _constraint_conflict(done.stdout + done.stderr, kept):
+        _say(log, f"{spec.label} environment: unsolvable with the machine's pip constraints ({', '.join(kept)}): "
+                  "retrying without them")
+        dropped, kept = dropped + kept, []
+        (tmp / CONSTRAINTS_NAME).unlink(missing_ok=True)
+        done = _uv(spec, [*install, *spec.packages], env)
+    if done.returncode != 0:
+        raise EnvironmentUnavailable(explain(spec, [*install, *spec.packages], done.stdout + done.stderr))
+    freeze = _run_uv(spec, [uv, "pip", "freeze", "--python", str(python)], env).splitlines()
+    return freeze, {"applied": kept, "dropped": dropped}
 
 
-def _run_uv(spec: EnvSpec, command: list[str], env: dict[str, str]) -> str:
+def _uv(spec: EnvSpec, command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     logger.debug("running %s", " ".join(command))
     try:
-        done = subprocess.run(command, env=env, cwd=envs_dir(), capture_output=True, text=True,
-                              timeout=UV_TIMEOUT_S)
+        return subprocess.run(command, env=env, cwd=envs_dir(), capture_output=True, text=True, timeout=UV_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
         raise EnvironmentUnavailable(f"cannot build the {spec.label} environment: uv took over {UV_TIMEOUT_S} s "
                                      f"({' '.join(command[1:3])})") from exc
     except OSError as exc:
         raise EnvironmentUnavailable(f"cannot build the {spec.label} environment: cannot run uv: {exc}") from exc
+
+
+def _run_uv(spec: EnvSpec, command: list[str], env: dict[str, str]) -> str:
+    done = _uv(spec, command, env)
     if done.returncode != 0:
         raise EnvironmentUnavailable(explain(spec, command, done.stdout + done.stderr))
     return done.stdout
@@ -466,11 +608,14 @@ def _culprits(output: str, requested: tuple[str, ...]) -> list[str]:
     """The packages uv's ``output`` blames, those of ``requested`` first."""
     found: list[str] = []
     patterns = (r"/simple/([A-Za-z0-9][\w.-]*)/", r"[Bb]ecause (?:all versions of |only )?([A-Za-z0-9][\w.-]*)",
-                r"(?:Failed to (?:build|download|prepare \w+ for)|required for) `([A-Za-z0-9][\w.-]*?)(?:[=<>!~@ ].*?)?`",
+                r"you require ([A-Za-z0-9][\w.-]*)",
+                r"(?:Failed to (?:build|download|prepare \w+ for)|required for) "
+                r"`([A-Za-z0-9][\w.-]*?)(?:[=<>!~@ ].*?)?`",
                 r"for `([A-Za-z0-9][\w.-]*?)`")
     for pattern in patterns:
         for name in re.findall(pattern, output):
-            if _normalize(name) not in found and name.lower() not in ("you", "the", "there", "no"):
+            name = name.rstrip(".-_")
+            if name and _normalize(name) not in found and name.lower() not in ("you", "the", "there", "no"):
                 found.append(_normalize(name))
     wanted = {_normalize(re.split(r"[<>=!~;\[ ]", p, maxsplit=1)[0]): p for p in requested}
     ours = [wanted[name] for name in found if name in wanted]

@@ -51,6 +51,8 @@ class Image:
     #: Hugging Face images: the framework underneath (``pytorch``/``tensorflow``) and its version from the tag.
     base_framework: str | None = None
     base_version: str | None = None
+    #: ``sha256:...`` of ``repository[:tag]@sha256:...``; a URI with a digest and no tag has it as its ``tag`` too.
+    digest: str | None = None
 
 
 def config_dir() -> Path | None:
@@ -123,8 +125,9 @@ def algorithms() -> frozenset[str]:
     found = set(ALGORITHM_FRAMEWORKS)
     for framework, data in configs().items():
         versions = data.get("versions")
-        if "training" in data.get("scope", ()) and isinstance(versions, dict) and set(versions) == {"1"} and \
-                not any(k in entry for entry in versions.values() for k in ("py_versions", "processors")):
+        if "training" in (data.get("scope") or ()) and isinstance(versions, dict) and set(versions) == {"1"} and \
+                not any(not isinstance(entry, dict) or k in entry
+                        for entry in versions.values() for k in ("py_versions", "processors")):
             found.add(framework)
     return frozenset(found)
 
@@ -138,8 +141,8 @@ def _known_versions(framework: str) -> tuple[set[str], dict[str, str]]:
     return versions, aliases
 
 
-def _split(uri: str) -> tuple[str | None, str | None, str, str]:
-    """``(account, region, repository, tag)`` of ``[registry/]repository[:tag][@digest]``."""
+def _split(uri: str) -> tuple[str | None, str | None, str, str, str | None]:
+    """``(account, region, repository, tag, digest)`` of ``[registry/]repository[:tag][@digest]``."""
     rest = uri.strip()
     rest, _, digest = rest.partition("@")
     host = ""
@@ -151,7 +154,7 @@ def _split(uri: str) -> tuple[str | None, str | None, str, str]:
         tag = digest if digest else "latest"
     match = _ECR_HOST.match(host)
     account, region = (match["account"], match["region"]) if match else (None, None)
-    return account, region, repository.strip("/"), tag
+    return account, region, repository.strip("/"), tag, digest or None
 
 
 def _framework_of(repository: str) -> str | None:
@@ -185,19 +188,22 @@ def _parse_tag(framework: str | None, tag: str) -> dict[str, str | None]:
 
 def parse(uri: str) -> Image:
     """What ``uri`` names; never raises (``framework=None`` when the repository is unknown or ``uri`` is odd)."""
-    text = uri if isinstance(uri, str) else str(uri or "")
     try:
-        account, region, repository, tag = _split(text)
+        text = uri if isinstance(uri, str) else str(uri or "")
+    except Exception:  # an object whose str() raises
+        text = ""
+    try:
+        account, region, repository, tag, digest = _split(text)
         framework = _framework_of(repository) if repository else None
         fields = _parse_tag(framework, tag)
-    except Exception:  # by contract parse never raises: say what could not be read
+        base = None
+        if framework and framework.startswith("huggingface"):
+            base = next((name for name in ("pytorch", "tensorflow") if name in repository), None)
+        return Image(uri=text, account=account, region=region, repository=repository, tag=tag, framework=framework,
+                     version=fields["version"], py_version=fields["py_version"], processor=fields["processor"],
+                     algorithm=framework in algorithms() if framework else False,
+                     base_framework=base, base_version=fields["base_version"] if base else None, digest=digest)
+    except Exception:  # by contract parse never raises (an SDK table of an unexpected shape): say what was unread
         log.warning("cannot read container image URI %r", text, exc_info=True)
         return Image(uri=text, account=None, region=None, repository=text, tag="", framework=None, version=None,
                      py_version=None, processor=None, algorithm=False)
-    base = None
-    if framework and framework.startswith("huggingface"):
-        base = next((name for name in ("pytorch", "tensorflow") if name in repository), None)
-    return Image(uri=text, account=account, region=region, repository=repository, tag=tag, framework=framework,
-                 version=fields["version"], py_version=fields["py_version"], processor=fields["processor"],
-                 algorithm=framework in algorithms() if framework else False,
-                 base_framework=base, base_version=fields["base_version"] if base else None)

@@ -801,6 +801,8 @@ def training_failure_reason(job_dir: Path, log_path: Path, code: int) -> str:
                  if ln.strip() and not ln.startswith(("[engine]", "$ "))]
         text = " | ".join(lines[-3:])
     ending = f"exit code: {code}" if code >= 0 else describe_exit(code)  # killed by a signal: named
+    if text.startswith(("ClientError:", "AlgorithmError:")):  # a built-in algorithm names its error class itself
+        return f"{text[:FAILURE_FILE_CHARS]}, {ending}"
     return f"AlgorithmError: {text[:FAILURE_FILE_CHARS]}, {ending}"
 
 

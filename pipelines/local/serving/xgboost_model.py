@@ -54,18 +54,24 @@ def _write_frame(stream: BinaryIO, header: dict[str, Any], body: bytes) -> None:
 # ----------------------------------------------------------------------------------------------------- the child
 
 def _status_of(exc: Exception) -> int:
-    """The container's answer to a failed request: 415 for a content type it does not take, else 400."""
-    text = str(exc).lower()
-    return 415 if "content type" in text or "content-type" in text or "unsupported" in text else 400
+    """The container's answer to a failed request: the status its error carries (415 payload, 406 accept, 400
+    prediction), else 500."""
+    return int(getattr(exc, "status", 500))
 
 
 def _child(model_dir: str) -> int:
+    import os
+
+    # The answers get a descriptor of their own; fd 1 becomes stderr, so nothing xgboost prints (from Python or
+    # from its C++ library) can corrupt them.
+    stdout = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    stdin = sys.stdin.buffer
     sys.path.insert(0, str(ALGORITHM.parent))
     import xgboost_algorithm  # the image environment's xgboost underneath
 
     model = xgboost_algorithm.load_model(model_dir)
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # anything the library prints must not corrupt the answers
     _write_frame(stdout, {"status": 200, "content_type": "text/plain"}, b"ready")
     while (frame := _read_frame(stdin)) is not None:
         header, body = frame
