@@ -981,6 +981,8 @@ def _check_features(model: Any, dtest: Any, kind: str) -> None:
     """serve_utils.predict's feature-count check (pickled models only, as there)."""
     if getattr(model, "sagemaker_model_format", PKL_FORMAT) != PKL_FORMAT:
         return
+    if not hasattr(model, "num_features"):  # xgboost < 1.3 (the 1.0-1 image) cannot tell: predict() checks
+        return
     expected, given = model.num_features(), dtest.num_col()
     if kind == "libsvm" and given > expected + 1:
         raise InferenceError(f"Feature size of libsvm inference data {given} is larger than feature size of "

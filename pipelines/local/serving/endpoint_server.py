@@ -220,9 +220,10 @@ def load(model_dir: str | Path, generation: int, environment: dict[str, str] | N
     model_dir = Path(model_dir).resolve()
     if not model_dir.is_dir():
         raise HandlerLoadError(f"model directory {model_dir} does not exist")
-    if xgboost_model.wanted(environment):  # the XGBoost container's own server, not the PyTorch toolkit
+    container_env = {**os.environ, **(environment or {})}  # the server starts with the model's in its environment
+    if xgboost_model.wanted(container_env):  # the XGBoost container's own server, not the PyTorch toolkit
         try:
-            return xgboost_model.XGBoostLoaded(generation, str(model_dir), dict(environment or {}))  # type: ignore[return-value]
+            return xgboost_model.XGBoostLoaded(generation, str(model_dir), container_env)  # type: ignore[return-value]
         except Exception as exc:
             raise HandlerLoadError(f"loading the XGBoost model from {model_dir} failed: {exc}") from exc
     if environment:
