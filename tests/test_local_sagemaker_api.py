@@ -191,12 +191,26 @@ def test_pipeline_create_describe_list_update_delete(sm):
     assert error_of(excinfo)[:2] == ("ResourceNotFound", f"Pipeline '{arn}' does not exist.")
 
 
-def test_definition_the_engine_cannot_run_is_refused(sm):
-    definition = json.dumps({"Version": "2020-12-01", "Steps": [{"Name": "Emr", "Type": "EMR", "Arguments": {}}]})
+def test_a_step_the_engine_cannot_run_fails_at_run_time_and_a_malformed_definition_is_refused(sm):
+    """As on SageMaker: a definition is refused only when malformed; a step kind the local engine cannot run
+    (EMR) fails that step when the execution reaches it, with the reason."""
+    cycle = json.dumps({"Version": "2020-12-01", "Steps": [
+        {"Name": "A", "Type": "Fail", "Arguments": {}, "DependsOn": ["B"]},
+        {"Name": "B", "Type": "Fail", "Arguments": {}, "DependsOn": ["A"]}]})
     with pytest.raises(ClientError) as excinfo:
-        create(sm, unique("emr"), definition)
+        create(sm, unique("cycle"), cycle)
     code, message, _ = error_of(excinfo)
-    assert code == "ValidationException" and "cannot run" in message and "EMR" in message
+    assert code == "ValidationException" and "cycle" in message.lower()
+
+    name = unique("emr")
+    create(sm, name, json.dumps({"Version": "2020-12-01", "Steps": [{"Name": "Emr", "Type": "EMR", "Arguments": {
+        "ClusterId": "j-1", "StepConfig": {"HadoopJarStep": {"Jar": "command-runner.jar"}}}}]}))
+    arn = sm.start_pipeline_execution(PipelineName=name)["PipelineExecutionArn"]
+    with contextlib.suppress(WaiterError):
+        waiter(sm).wait(PipelineExecutionArn=arn)
+    assert sm.describe_pipeline_execution(PipelineExecutionArn=arn)["PipelineExecutionStatus"] == "Failed"
+    step = steps_by_name(sm, arn)["Emr"]
+    assert step["StepStatus"] == "Failed" and "EMR" in step["FailureReason"], step
 
 
 # --------------------------------------------------------------------------------------------- executions
@@ -303,14 +317,15 @@ def test_engine_gone_is_settled_failed_and_runner_records_its_crash(local_aws_en
     assert described["PipelineExecutionStatus"] == "Failed"
     assert "ended without recording the end" in described["FailureReason"]
 
-    broken = records.create_execution("crash", json.dumps({"Version": "2020-12-01", "Steps": [
-        {"Name": "X", "Type": "Transform", "Arguments": {}}]}), {})
+    broken = records.create_execution("crash", json.dumps({"Version": "2020-12-01", "Steps": [  # a cycle
+        {"Name": "X", "Type": "Fail", "Arguments": {}, "DependsOn": ["Y"]},
+        {"Name": "Y", "Type": "Fail", "Arguments": {}, "DependsOn": ["X"]}]}), {})
     result = subprocess.run([sys.executable, "-m", "pipelines.local.api.runner", "start", broken["execution_id"]],
                             env={**os.environ, "MLOPS_HOME": str(home)}, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
     described = sm.describe_pipeline_execution(PipelineExecutionArn=broken["arn"])
     assert described["PipelineExecutionStatus"] == "Failed"
-    assert "DefinitionError" in described["FailureReason"] and "Transform" in described["FailureReason"]
+    assert "DefinitionError" in described["FailureReason"] and "cycle" in described["FailureReason"].lower()
     assert (home / "runs" / broken["execution_id"] / "engine.log").is_file()
 
 

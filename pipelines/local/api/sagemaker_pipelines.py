@@ -650,22 +650,16 @@ def list_pipeline_execution_steps(params: dict[str, Any], ctx: Context) -> dict[
 
 
 @dataclass(frozen=True)
-class JobKind:
-    """How one kind of job the engine runs is named in the SageMaker API (its step kind's ``job``)."""
+class JobKind(step_kinds.JobInfo):
+    """How one kind of job the engine runs is named in the SageMaker API: its step kind's ``job``, and that kind."""
 
-    step_type: str
-    name_key: str
-    arn_key: str
-    status_key: str
-    arn_type: str
-    metadata_key: str
-    end_key: str
+    step_type: str = ""
 
     @classmethod
     def of(cls, step_type: str) -> JobKind:
         info = step_kinds.STEP_KINDS[step_type].job
         assert info is not None, step_type
-        return cls(step_type, **asdict(info))
+        return cls(**asdict(info), step_type=step_type)
 
 
 TRAINING, PROCESSING, TUNING, TRANSFORM = (JobKind.of(t) for t in ("Training", "Processing", "Tuning", "Transform"))

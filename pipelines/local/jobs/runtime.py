@@ -824,13 +824,14 @@ def _upload_outputs(request: Mapping[str, Any], job_name: str, layout: _Layout, 
 
 
 @functools.cache
-def _described_request_fields() -> frozenset[str]:
-    """The CreateTrainingJob request members that DescribeTrainingJob returns (botocore's SageMaker model)."""
+def described_request_fields(create: str, describe: str) -> frozenset[str]:
+    """The members of the ``create`` request (``CreateTrainingJob``) that ``describe`` (``DescribeTrainingJob``)
+    returns, from botocore's SageMaker model."""
     import botocore.session
 
     model = botocore.session.get_session().get_service_model("sagemaker")
-    return (frozenset(model.operation_model("CreateTrainingJob").input_shape.members)
-            & frozenset(model.operation_model("DescribeTrainingJob").output_shape.members))
+    return (frozenset(model.operation_model(create).input_shape.members)
+            & frozenset(model.operation_model(describe).output_shape.members))
 
 
 def _describe(request: Mapping[str, Any], job_name: str, layout: _Layout, log_path: Path, started: float,
@@ -840,7 +841,8 @@ def _describe(request: Mapping[str, Any], job_name: str, layout: _Layout, log_pa
     log_text = log_path.read_text(errors="replace") if log_path.is_file() else ""
     definitions = metric_definitions(request.get("AlgorithmSpecification") or {})
     ended = time.time()
-    described = {k: v for k, v in request.items() if k in _described_request_fields()}
+    fields = described_request_fields("CreateTrainingJob", "DescribeTrainingJob")
+    described = {k: v for k, v in request.items() if k in fields}
     return {
         "AlgorithmSpecification": {}, "InputDataConfig": [], "OutputDataConfig": {}, "StoppingCondition": {},
         **described,

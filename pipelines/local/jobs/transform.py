@@ -65,6 +65,7 @@ from pipelines.local.jobs.runtime import (
     _arn,
     _failure_message,
     _fresh_dir,
+    described_request_fields,
     run_command,
 )
 from pipelines.local.storage.store import ArtifactStore
@@ -605,19 +606,10 @@ def _upload(output_dir: Path, output_path: str, artifacts: ArtifactStore) -> lis
     return uris
 
 
-@functools.cache
-def _described_request_fields() -> frozenset[str]:
-    """The CreateTransformJob request members that DescribeTransformJob returns (botocore's SageMaker model)."""
-    import botocore.session
-
-    service = botocore.session.get_session().get_service_model("sagemaker")
-    return (frozenset(service.operation_model("CreateTransformJob").input_shape.members)
-            & frozenset(service.operation_model("DescribeTransformJob").output_shape.members))
-
-
 def _describe(request: Mapping[str, Any], job_name: str, model_name: str, job_dir: Path, log_path: Path,
               started: float) -> dict[str, Any]:
-    described = {k: v for k, v in request.items() if k in _described_request_fields()}
+    fields = described_request_fields("CreateTransformJob", "DescribeTransformJob")
+    described = {k: v for k, v in request.items() if k in fields}
     return {
         "TransformInput": {}, "TransformOutput": {}, "TransformResources": {},
         **described,

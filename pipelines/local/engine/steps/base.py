@@ -10,10 +10,8 @@ switches on the step type.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,12 +204,3 @@ class Unsupported(StepKind):
 def kind_for(type_name: str) -> StepKind:
     cls = STEP_KINDS.get(type_name)
     return cls() if cls is not None else Unsupported(type_name)
-
-
-def append_log(log_path: Path, text: str) -> None:
-    with open(log_path, "a", encoding="utf-8") as fh:
-        fh.write(f"[engine] {time.strftime('%H:%M:%S')} {text}\n")
-
-
-def json_line(value: Any, limit: int = 200) -> str:
-    return json.dumps(value, default=str)[:limit]
