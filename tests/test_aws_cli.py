@@ -263,10 +263,10 @@ def test_sagemaker_errors_exit_non_zero_with_the_error_code(cli_env):
     assert name in missing.stderr
     start = aws("sagemaker", "start-pipeline-execution", "--pipeline-name", name, check=False)
     assert start.returncode != 0 and "(ResourceNotFound)" in start.stderr
-    bad = aws("sagemaker", "create-pipeline", "--pipeline-name", unique("emr"), "--role-arn", LOCAL_ROLE_ARN,
-              "--pipeline-definition", json.dumps({"Version": "2020-12-01",
-                                                   "Steps": [{"Name": "E", "Type": "EMR", "Arguments": {}}]}),
-              check=False)
-    assert bad.returncode != 0 and "(ValidationException)" in bad.stderr and "EMR" in bad.stderr
+    cycle = [{"Name": "A", "Type": "Fail", "Arguments": {}, "DependsOn": ["B"]},
+             {"Name": "B", "Type": "Fail", "Arguments": {}, "DependsOn": ["A"]}]
+    bad = aws("sagemaker", "create-pipeline", "--pipeline-name", unique("cycle"), "--role-arn", LOCAL_ROLE_ARN,
+              "--pipeline-definition", json.dumps({"Version": "2020-12-01", "Steps": cycle}), check=False)
+    assert bad.returncode != 0 and "(ValidationException)" in bad.stderr and "cycle" in bad.stderr.lower()
     unserved = aws("sagemaker", "list-domains", check=False)
     assert unserved.returncode != 0 and "(UnknownOperationException)" in unserved.stderr
