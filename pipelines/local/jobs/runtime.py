@@ -19,7 +19,9 @@ the job fails or is stopped.
 Differences from the real container, all known ones:
 
 - paths: every ``SM_*`` directory (and the paths in ``SM_TRAINING_ENV``) is under the job dir, not ``/opt/ml``;
-  ``CheckpointConfig.LocalPath`` must be under ``/opt/ml`` (it is remapped like the rest);
+  the job dir is *also* ``/opt/ml`` inside the job's private mount namespace (:mod:`pipelines.local.jobs.sandbox`,
+  processing and training jobs), so hard-coded ``/opt/ml/...`` paths work; without a namespace (not Linux, none
+  allowed) only the remapping holds and the job log warns. ``CheckpointConfig.LocalPath`` must be under ``/opt/ml``;
 - ``SM_CHECKPOINT_DIR`` (the checkpoint dir) is set by the engine: neither SageMaker nor the toolkit sets it, and a
   script's ``/opt/ml/checkpoints`` default cannot be remapped otherwise;
 - ``SM_STUDIO_LOCAL_MODE=True`` (SageMaker's own local-mode switch): the toolkit skips its wait for the DNS name
@@ -31,9 +33,10 @@ Differences from the real container, all known ones:
   ``s3://`` URI, as on SageMaker;
 - host name: the image's entrypoint preloads (``LD_PRELOAD``) a ``gethostname()`` that returns ``current_host``;
   here ``socket.gethostname()`` is the machine's name (``SM_CURRENT_HOST`` and the config still say ``algo-1``);
-- interpreter and packages: the engine's Python and packages (seen through the job environment), not the image's
-  ``/opt/conda`` (e.g. ``SM_DLC_TORCH_VERSION``, set by the PyTorch toolkit, is the engine's torch); of the image's
-  ``ENV`` only :data:`IMAGE_ENV` is reproduced (not ``LANG``/``LC_ALL``, ``LD_LIBRARY_PATH``, CUDA's); the engine's
+- interpreter and packages: the image's environment (:mod:`pipelines.local.jobs.envs`: scikit-learn, XGBoost...
+  at the image's version, built once with uv) or, for PyTorch images and unknown ones, the engine's Python and
+  packages (seen through the job environment), not the image's ``/opt/conda`` (e.g. ``SM_DLC_TORCH_VERSION``, set
+  by the PyTorch toolkit, is the engine's torch); of the image's ``ENV`` only :data:`IMAGE_ENV` is reproduced (not ``LANG``/``LC_ALL``, ``LD_LIBRARY_PATH``, CUDA's); the engine's
   own environment is inherited (minus the toolkit's inputs and ``SM_*``), besides ``TRAINING_JOB_NAME``/``_ARN``;
 - GPUs: the toolkit counts them with ``nvidia-smi`` (all of the machine's, ``CUDA_VISIBLE_DEVICES`` aside);
 - one host only (the toolkit's MPI/torchrun/smddp launchers are not set up); a bundle with a root ``setup.py``
@@ -44,9 +47,14 @@ Differences from the real container, all known ones:
   leaves the sync to "the platform") and uploads it after the job to the toolkit's key
   ``<sagemaker_s3_output>/<job>/output/intermediate/``, instead of while the job runs.
 
+What a training job runs (:func:`training_command`): its ``ContainerEntrypoint`` (``@step`` functions run the SDK's
+``job_driver.sh`` this way), else the toolkit (script mode), else the built-in XGBoost algorithm
+(:mod:`pipelines.local.jobs.xgboost_algorithm`); other built-in algorithms fail with a clear error.
+
 Processing: every ``/opt/ml/...`` path of the request (inputs' and outputs' ``LocalPath``, the entrypoint and its
-arguments) is rewritten into the job directory; inputs are copied from the artifact store before the run and the
-outputs uploaded to their ``S3Uri`` after it.
+arguments) is rewritten into the job directory (which is also ``/opt/ml`` in its namespace); ``python``/``python3``
+is the job environment's, over the image's environment; inputs are copied from the artifact store before the run and
+the outputs uploaded to their ``S3Uri`` after it.
 
 Logs (stdout + stderr) go to a file per job and, line by line, to an ``on_line`` callback (progress view, tuner).
 
