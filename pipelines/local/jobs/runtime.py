@@ -36,7 +36,8 @@ Differences from the real container, all known ones:
 - interpreter and packages: the image's environment (:mod:`pipelines.local.jobs.envs`: scikit-learn, XGBoost...
   at the image's version, built once with uv) or, for PyTorch images and unknown ones, the engine's Python and
   packages (seen through the job environment), not the image's ``/opt/conda`` (e.g. ``SM_DLC_TORCH_VERSION``, set
-  by the PyTorch toolkit, is the engine's torch); of the image's ``ENV`` only :data:`IMAGE_ENV` is reproduced (not ``LANG``/``LC_ALL``, ``LD_LIBRARY_PATH``, CUDA's); the engine's
+  by the PyTorch toolkit, is the engine's torch); of the image's ``ENV`` only :data:`IMAGE_ENV` is reproduced
+  (not ``LANG``/``LC_ALL``, ``LD_LIBRARY_PATH``, CUDA's); the engine's
   own environment is inherited (minus the toolkit's inputs and ``SM_*``), besides ``TRAINING_JOB_NAME``/``_ARN``;
 - GPUs: the toolkit counts them with ``nvidia-smi`` (all of the machine's, ``CUDA_VISIBLE_DEVICES`` aside);
 - one host only (the toolkit's MPI/torchrun/smddp launchers are not set up); a bundle with a root ``setup.py``
