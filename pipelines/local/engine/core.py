@@ -45,6 +45,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
 from typing import Any, Protocol
 
 from pipelines.local.engine import resolver, retry
@@ -361,9 +362,11 @@ class LocalEngine:
         return self.control.stopped
 
     @staticmethod
-    def _log(execution: Mapping[str, Any], name: str, text: str) -> None:
-        log_path = runs_dir() / execution["execution_id"] / "logs" / f"{name}.log"
-        with open(log_path, "a", encoding="utf-8") as fh:
+    def _log_path(execution_id: str, name: str) -> Path:
+        return runs_dir() / execution_id / "logs" / f"{name}.log"
+
+    def _log(self, execution: Mapping[str, Any], name: str, text: str) -> None:
+        with open(self._log_path(execution["execution_id"], name), "a", encoding="utf-8") as fh:
             fh.write(f"[engine] {time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
     def _attempt(self, execution: Mapping[str, Any], name: str) -> None:
@@ -371,7 +374,7 @@ class LocalEngine:
         execution_id = execution["execution_id"]
         step = self.steps[name]
         run_dir = runs_dir() / execution_id
-        log_path = run_dir / "logs" / f"{name}.log"
+        log_path = self._log_path(execution_id, name)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         attempt = self.records.start_step(execution_id, name, step.type, str(log_path))
         with open(log_path, "a", encoding="utf-8") as fh:

@@ -12,7 +12,8 @@ one table, :data:`PACKAGE_SETS`; docs/JOB_ENVIRONMENTS.md has the mapping and th
 - :func:`ensure` builds an environment once into ``$MLOPS_HOME/envs/<key>`` (``uv venv --relocatable`` from the
   engine's base interpreter, then ``uv pip install``) in ``<key>.tmp-<pid>`` and renames it into place, so an
   environment directory is complete or absent; ``<key>/.complete`` holds the spec and ``uv pip freeze``. A lock file
-  (``<key>.lock``, ``fcntl``) makes a second engine building the same environment wait, then reuse it;
+  (``<key>.lock``, :func:`pipelines.local.storage.store.file_lock`) makes a second engine building the same
+  environment wait, then reuse it;
 - uv is pointed at the index pip uses on this machine (:func:`uv_settings`): pip's effective configuration (``pip
   config list``: ``/etc/xdg/pip/pip.conf``, ``/etc/pip.conf``, the user's and the venv's ``pip.conf``, ``PIP_*``
   variables) becomes uv's ``--index-url``/``--extra-index-url``/``--find-links``/``--constraint`` and
@@ -25,7 +26,6 @@ one table, :data:`PACKAGE_SETS`; docs/JOB_ENVIRONMENTS.md has the mapping and th
 from __future__ import annotations
 
 import ast
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -38,7 +38,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -47,12 +47,7 @@ from packaging.version import InvalidVersion, Version
 
 from pipelines.local.jobs import images
 from pipelines.local.jobs.environment import TOOLKIT_DISTRIBUTION
-from pipelines.local.storage.store import mlops_home
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: no cross-process lock (one engine per MLOPS_HOME there)
-    fcntl = None  # type: ignore[assignment]
+from pipelines.local.storage.store import file_lock, mlops_home
 
 logger = logging.getLogger(__name__)
 
@@ -474,22 +469,6 @@ def _existing(target: Path, spec: EnvSpec) -> ImageEnvironment | None:
                             spec=dataclasses.replace(spec, note=data.get("note") or spec.note))
 
 
-@contextlib.contextmanager
-def _locked(path: Path, spec: EnvSpec, log: Log | None) -> Iterator[None]:
-    with open(path, "a+b") as fh:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                _say(log, f"waiting for another engine building the {spec.label} environment ({path.parent})")
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def ensure(spec: EnvSpec, *, log: Log | None = None) -> ImageEnvironment:
     """The environment of ``spec``, built once (later calls, from any engine on this ``MLOPS_HOME``, reuse it)."""
     root = envs_dir()
@@ -497,7 +476,8 @@ def ensure(spec: EnvSpec, *, log: Log | None = None) -> ImageEnvironment:
     found = _existing(target, spec)
     if found is not None:
         return found
-    with _locked(root / f"{spec.key}.lock", spec, log):
+    waiting = f"waiting for another engine building the {spec.label} environment ({root})"
+    with file_lock(root / f"{spec.key}.lock", on_wait=lambda: _say(log, waiting)):
         found = _existing(target, spec)
         if found is not None:
             _say(log, f"{spec.label} environment: built by another engine ({found.spec.note})")

@@ -18,7 +18,7 @@ import os
 import shutil
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -55,12 +55,18 @@ SQLITE_TIMEOUT_S = 30.0
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``fcntl`` lock on ``path`` (created if missing): serializes processes of this host."""
+def file_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive ``fcntl`` lock on ``path`` (created if missing): serializes processes of this host.
+    ``on_wait`` is called once when another process holds it (before waiting for it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as fh:
         if fcntl is not None:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:

@@ -188,7 +188,8 @@ STEP_KINDS: dict[str, type[StepKind]] = {}
 
 class Unsupported(StepKind):
     """A step type the engine does not know: the definition is accepted (SageMaker's own validation decides what is
-    valid) and the step fails when it is reached, saying so; steps that do not depend on it run."""
+    valid) and the step fails when it is reached, saying so; as on SageMaker, the execution then starts no new step
+    and the steps already running finish."""
 
     reason: ClassVar[str] = ""
 

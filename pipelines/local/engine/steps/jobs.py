@@ -107,12 +107,8 @@ class Transform(StepKind):
 
         def start(arguments: dict[str, Any]) -> dict[str, Any]:
             model = _describe_model(str(arguments.get("ModelName") or ""))
-            try:
-                return transform.run_transform_job(arguments, run.job_name(), run.job_dir, run.artifacts,
-                                                   run.log_path, model=model, on_line=run.on_line(),
-                                                   control=run.control)
-            except jobs.JobError as exc:
-                raise StepFailed(str(exc)) from exc
+            return transform.run_transform_job(arguments, run.job_name(), run.job_dir, run.artifacts, run.log_path,
+                                               model=model, on_line=run.on_line(), control=run.control)
         return run.cached(start)
 
     def detail(self, properties: Mapping[str, Any]) -> str:
