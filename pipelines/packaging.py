@@ -38,6 +38,15 @@ REQUIREMENTS = "training/requirements.txt"
 #: Bump when the layout of the bundles changes, so the content address changes with it.
 BUNDLE_LAYOUT_VERSION = "2"
 
+#: The training channel of the tuning trials and the best-model job that carries ``PretrainedWeights``.
+PRETRAINED_CHANNEL = "pretrained"
+#: Key (under the base job prefix) of the placeholder ``PretrainedWeights`` points at by default: SageMaker fails a
+#: job whose S3 channel matches no object, so the channel always holds this file, which holds no weights.
+NO_PRETRAINED_WEIGHTS_KEY = "pretrained/NO_PRETRAINED_WEIGHTS.txt"
+NO_PRETRAINED_WEIGHTS_TEXT = (
+    b"No pretrained weights were given (pipeline parameter PretrainedWeights). Give an s3:// URI of a state dict file\n"
+    b"(torch.save(model.state_dict())) to fine-tune from it; see README.md, 'Pretrained weights from a file'.\n")
+
 _SKIP_DIRS = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
 _SKIP_SUFFIXES = {".pyc", ".pyo", ".tmp", ".swp"}
 
@@ -151,6 +160,18 @@ def upload_code_bundles(bundles: CodeBundles, locations: CodeLocations,
         put(locations.src_file(name), data)
     put(locations.sourcedir, bundles.sourcedir)
     return locations
+
+
+def no_pretrained_weights_uri(bucket: str, base_job_prefix: str) -> str:
+    """The default of the ``PretrainedWeights`` Parameter: the placeholder :func:`upload_placeholder` writes."""
+    return f"s3://{bucket}/{base_job_prefix}/{NO_PRETRAINED_WEIGHTS_KEY}"
+
+
+def upload_placeholder(bucket: str, base_job_prefix: str, put: Callable[[str, bytes], None]) -> str:
+    """Write the ``PretrainedWeights`` default's placeholder object through ``put``; return its URI."""
+    uri = no_pretrained_weights_uri(bucket, base_job_prefix)
+    put(uri, NO_PRETRAINED_WEIGHTS_TEXT)
+    return uri
 
 
 def project_root() -> Path:

@@ -83,7 +83,7 @@ from sagemaker.workflow.retry import (  # noqa: E402
 from sagemaker.workflow.steps import CacheConfig, ProcessingStep, TrainingStep, TuningStep  # noqa: E402
 
 from pipelines import arns  # noqa: E402
-from pipelines.packaging import CodeLocations  # noqa: E402
+from pipelines.packaging import PRETRAINED_CHANNEL, CodeLocations, no_pretrained_weights_uri  # noqa: E402
 from training.metrics import METRIC_DEFINITIONS, OBJECTIVE_METRIC, OBJECTIVE_TYPE  # noqa: E402
 from training.serving_code import SERVING_PROGRAM  # noqa: E402
 
@@ -146,6 +146,10 @@ def pipeline_parameters(default_bucket: str, base_job_prefix: str = DEFAULT_BASE
         ParameterInteger("EpochsMax", default_value=20),
         ParameterString("Arch", default_value="resnet50"),
         ParameterString("Pretrained", default_value="default"),
+        # A state dict file (torch.save(model.state_dict())) for the trainer's ``pretrained`` channel; the default is
+        # the placeholder object the CLI uploads (NO_PRETRAINED_WEIGHTS.txt): the channel always exists, holds no
+        # weights, and the trainer falls back to ``Pretrained``.
+        ParameterString("PretrainedWeights", default_value=no_pretrained_weights_uri(default_bucket, base_job_prefix)),
         ParameterInteger("ImageSize", default_value=224),
         ParameterInteger("ResizeSize", default_value=256),
         ParameterInteger("DataLoaderWorkers", default_value=4),
@@ -455,7 +459,8 @@ def _build_pipeline(
             s3_data=step_prepare.properties.ProcessingOutputConfig.Outputs[name].S3Output.S3Uri,
             content_type="application/x-image")
 
-    channels = {"train": channel("train"), "validation": channel("validation")}
+    channels = {"train": channel("train"), "validation": channel("validation"),
+                PRETRAINED_CHANNEL: TrainingInput(s3_data=p["PretrainedWeights"])}
     static_hyperparameters = {
         "arch": p["Arch"], "pretrained": p["Pretrained"], "image_size": p["ImageSize"],
         "workers": p["DataLoaderWorkers"],

@@ -116,7 +116,7 @@ def parse_parameters(pairs: Sequence[str], types: dict[str, tuple[str, Any]] | N
 
 
 def check_start_parameters(parameters: list[dict[str, str]],
-                           types: dict[str, tuple[str, Any]] | None = None) -> None:
+                           types: dict[str, tuple[str, Any]] | None = None, *, local: bool = False) -> None:
     """Refuse a start whose parameter values (defaults + overrides) the jobs cannot use: :class:`UserError` with
     every problem, before anything runs or is uploaded."""
     from pipelines.validation import check_parameters
@@ -126,9 +126,38 @@ def check_start_parameters(parameters: list[dict[str, str]],
     casts = {"int": int, "float": float, "str": str, "bool": lambda v: str(v).lower() == "true"}
     for item in parameters:
         values[item["Name"]] = casts.get(types[item["Name"]][0], str)(item["Value"])
-    problems = check_parameters(values)
+    problems = check_parameters(values, local=local)
     if problems:
         raise UserError("invalid pipeline parameters: " + "; ".join(problems))
+
+
+def apply_local_profile(parameters: list[dict[str, str]]) -> Any:
+    """The local profile's values for the Parameters the user did not set
+    (:mod:`pipelines.local.cli.profile`): a ``Resolved`` whose ``overrides()`` the start sends."""
+    from pipelines.local.cli import profile
+
+    defaults = {name: default for name, (_kind, default) in parameter_types().items()}
+    return profile.resolve(defaults, {p["Name"]: p["Value"] for p in parameters})
+
+
+def show_profile(resolved: Any) -> None:
+    """The resolved parameters with each value's origin, and the profile's warnings (stderr: stdout stays the
+    execution ARN)."""
+    from rich.table import Table
+
+    from pipelines import views
+
+    out = views.console(stderr=True)
+    machine = resolved.machine
+    table = Table(title=f"Parameters (local profile {machine.kind}: {machine.cores} cores, "
+                        f"{machine.memory_gib:g} GiB, {machine.gpus} GPU)")
+    for col in ("Parameter", "Value", "Origin"):
+        table.add_column(col, overflow="fold")
+    for name, value, origin in resolved.rows():
+        table.add_row(name, value, origin)
+    out.print(table)
+    for warning in resolved.warnings:
+        out.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
 
 
 def check_mlops_home() -> None:
@@ -287,11 +316,18 @@ def s3_uploader(s3: Any) -> Callable[[str, bytes], None]:
 
 def upload_bundles_if_missing(s3: Any, settings: Settings, bundles: Any = None) -> None:
     """Upload the code bundles (built here unless given) unless this content address is complete already
-    (sourcedir.tar.gz goes last)."""
+    (sourcedir.tar.gz goes last), and the placeholder the ``PretrainedWeights`` Parameter points at by default."""
     from botocore.exceptions import ClientError
 
-    from pipelines.packaging import build_code_bundles, code_locations, project_root, upload_code_bundles
+    from pipelines.packaging import (
+        build_code_bundles,
+        code_locations,
+        project_root,
+        upload_code_bundles,
+        upload_placeholder,
+    )
 
+    upload_placeholder(settings.bucket, settings.base_job_prefix, s3_uploader(s3))
     bundles = bundles or build_code_bundles(project_root())
     locations = code_locations(settings.bucket, settings.base_job_prefix, bundles)
     bucket, _, key = locations.sourcedir.removeprefix("s3://").partition("/")
@@ -345,10 +381,6 @@ def _list_steps(clients: AwsClients, arn: str) -> list[dict[str, Any]]:
             return steps
 
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
 def sagemaker_upsert(clients: AwsClients, settings: Settings) -> dict[str, Any]:
     from botocore.exceptions import ClientError
 
@@ -389,7 +421,7 @@ def sagemaker_upsert(clients: AwsClients, settings: Settings) -> dict[str, Any]:
 def sagemaker_wait(clients: AwsClients, arn: str, poll_seconds: float, timeout_seconds: float) -> dict[str, Any]:
     """Poll until the execution ends; each step's status change is logged (``<step>: <status>``) on the way."""
     deadline = time.monotonic() + timeout_seconds
-    seen: dict[str, str] = {}
+    seen: dict[Any, Any] = {}
     while True:
         described = clients.sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)
         status = described["PipelineExecutionStatus"]
@@ -402,7 +434,15 @@ def sagemaker_wait(clients: AwsClients, arn: str, poll_seconds: float, timeout_s
         time.sleep(poll_seconds)
 
 
-def _report_steps(clients: AwsClients, arn: str, seen: dict[str, str]) -> None:
+#: Least seconds between two progress lines of one executing step while waiting.
+PROGRESS_EVERY_S = 10.0
+
+
+def _report_steps(clients: AwsClients, arn: str, seen: dict[str, Any]) -> None:
+    """Each step's status change, and every ``PROGRESS_EVERY_S`` the progress of executing steps (trials, epochs,
+    ETA: :func:`pipelines.views.step_progress`), on stderr."""
+    from pipelines import views
+
     for step in _list_steps(clients, arn):
         name, status = step["StepName"], step.get("StepStatus", "")
         if seen.get(name) != status:
@@ -410,6 +450,12 @@ def _report_steps(clients: AwsClients, arn: str, seen: dict[str, str]) -> None:
             reason = f": {step['FailureReason']}" if step.get("FailureReason") else ""
             cached = " (cache hit)" if step.get("CacheHitResult") else ""
             print(f"{time.strftime('%H:%M:%S')} {name}: {status}{cached}{reason}", file=sys.stderr, flush=True)
+        if status != "Executing" or time.monotonic() - seen.get(("progress-at", name), 0.0) < PROGRESS_EVERY_S:
+            continue
+        progress = views.step_progress(clients.sagemaker, step)
+        if progress != seen.get(("progress", name)):
+            seen[("progress", name)], seen[("progress-at", name)] = progress, time.monotonic()
+            print(f"{time.strftime('%H:%M:%S')} {name}: {progress}", file=sys.stderr, flush=True)
 
 
 def _start(clients: AwsClients, settings: Settings, args: argparse.Namespace) -> int:
@@ -420,6 +466,10 @@ def _start(clients: AwsClients, settings: Settings, args: argparse.Namespace) ->
                                "PipelineParameters": args.parameters}
     if args.display_name:
         request["PipelineExecutionDisplayName"] = args.display_name
+    resolved = getattr(args, "profile", None)
+    if resolved is not None:
+        show_profile(resolved)
+        request["PipelineExecutionDescription"] = resolved.description()
     arn = clients.sagemaker.start_pipeline_execution(**request)["PipelineExecutionArn"]
     print(arn, flush=True)
     return _wait_and_report(clients, arn, args) if args.wait else 0
@@ -433,13 +483,61 @@ def _wait_and_report(clients: AwsClients, arn: str, args: argparse.Namespace) ->
     return 0 if described["PipelineExecutionStatus"] == "Succeeded" else 1
 
 
-def _status(clients: AwsClients, settings: Settings, args: argparse.Namespace) -> int:
-    arn = _execution_arn(clients, settings, args.execution)
+def status_record(clients: AwsClients, arn: str) -> dict[str, Any]:
+    """What ``status`` shows (:func:`pipelines.views.status_record`), with the progress of executing steps."""
+    from pipelines import views
+
     described = clients.sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)
     steps = _list_steps(clients, arn)
-    _print({"PipelineExecutionArn": arn, "PipelineExecutionStatus": described["PipelineExecutionStatus"],
-            "Steps": {s["StepName"]: s.get("StepStatus") for s in steps}})
+    progress = {s["StepName"]: views.step_progress(clients.sagemaker, s) for s in steps
+                if s.get("StepStatus") == "Executing"}
+    return views.status_record({**described, "PipelineExecutionArn": arn}, steps, progress)
+
+
+def _status(clients: AwsClients, settings: Settings, args: argparse.Namespace) -> int:
+    from pipelines import views
+
+    arn = _execution_arn(clients, settings, args.execution)
+    if args.watch:
+        return _watch(clients, arn, args)
+    record = status_record(clients, arn)
+    if args.output == "json":
+        views.print_json(record)
+    else:
+        views.console().print(views.status_table(record))
     return 0
+
+
+def _watch(clients: AwsClients, arn: str, args: argparse.Namespace) -> int:
+    """``status --watch``: redraw the status table every ``--interval`` seconds until the execution ends (a live
+    table on a terminal; otherwise, or with ``--output json``, one record per change, one line each)."""
+    from rich.live import Live
+
+    from pipelines import views
+
+    out = views.console()
+    record = status_record(clients, arn)
+    if out.is_terminal and args.output == "table":
+        with Live(views.status_table(record), console=out, refresh_per_second=2) as live:
+            while record["PipelineExecutionStatus"] not in TERMINAL_STATUSES:
+                time.sleep(args.interval)
+                record = status_record(clients, arn)
+                live.update(views.status_table(record))
+    else:
+        last: dict[str, Any] | None = None
+        while True:
+            if record != last:
+                if args.output == "json":
+                    sys.stdout.write(json.dumps(views.jsonable(record)) + "\n")
+                else:
+                    out.print(views.status_table(record))
+                sys.stdout.flush()
+                last = record
+            if record["PipelineExecutionStatus"] in TERMINAL_STATUSES:
+                break
+            time.sleep(args.interval)
+            record = status_record(clients, arn)
+    return 0 if record["PipelineExecutionStatus"] == "Succeeded" else 1
 
 
 def _describe(clients: AwsClients, settings: Settings, args: argparse.Namespace) -> int:
@@ -459,7 +557,13 @@ def _describe(clients: AwsClients, settings: Settings, args: argparse.Namespace)
 def _list_executions(clients: AwsClients, settings: Settings, args: argparse.Namespace) -> int:
     page = clients.sagemaker.list_pipeline_executions(PipelineName=settings.pipeline_name, SortBy="CreationTime",
                                                       SortOrder="Descending", MaxResults=args.max_results)
-    _print(page.get("PipelineExecutionSummaries", []))
+    from pipelines import views
+
+    summaries = page.get("PipelineExecutionSummaries", [])
+    if args.output == "json":
+        views.print_json(summaries)
+    else:
+        views.console().print(views.executions_table(summaries))
     return 0
 
 
@@ -502,14 +606,14 @@ _COMMANDS: dict[str, Callable[[AwsClients, Settings, argparse.Namespace], int]] 
 
 
 def _print(value: Any) -> None:
-    if isinstance(value, dict):
-        value = {k: v for k, v in value.items() if k != "ResponseMetadata"}
-    print(json.dumps(_jsonable(value), indent=2))
+    from pipelines import views
+
+    views.print_json(value)
 
 
 # --- local target ----------------------------------------------------------------------------------------------------
 
-LOCAL_COMMANDS = ("report", "gc", "models", "endpoints", "local")
+LOCAL_COMMANDS = ("report", "gc", "models", "endpoints", "local", "ui")
 
 
 def local_service_url() -> str:
@@ -601,6 +705,7 @@ def run_local(args: argparse.Namespace, clients: AwsClients | None = None) -> in
 # --- parser ----------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipelines import views
     from pipelines.pipeline import TUNING_STRATEGIES
 
     parser = argparse.ArgumentParser(
@@ -636,6 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="upsert and run this pipeline definition JSON (any pipeline's, e.g. from "
                             "pipeline.definition()) instead of the project's; --pipeline-name names it (default: "
                             "the file's stem), --param takes its Parameters")
+    start.add_argument("--no-local-profile", action="store_true",
+                       help="local target: take the definition's defaults (SageMaker's GPU sizes) for the Parameters "
+                            "not set with --param, not the local profile sized to this machine")
     _add_wait_arguments(start)
     # not ``no_cache`` (the global flag, which builds the definition with caching off): the local engine's per-start
     # switch, sent to the local service as the x-mlops-no-cache header
@@ -646,14 +754,18 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=text)
         command.add_argument("execution", nargs="?", default="latest",
                              help="execution ARN or id (default: the latest)")
-        if name == "describe":
-            command.add_argument("--output", choices=("table", "json"), default="table",
-                                 help="tables (steps, Debugger/Profiler rules, tuning trials) or the API's JSON")
+        if name in ("describe", "status"):
+            views.add_output_argument(command)
+        if name == "status":
+            command.add_argument("--watch", action="store_true",
+                                 help="redraw until the execution ends (exit 1 unless it succeeded)")
+            command.add_argument("--interval", type=float, default=2.0, help="seconds between redraws (--watch)")
         if name == "retry":
             command.add_argument("--wait", action="store_true", help="wait until the execution ends")
             _add_wait_arguments(command)
     listing = sub.add_parser("list-executions", help="most recent executions first")
     listing.add_argument("--max-results", type=int, default=20)
+    views.add_output_argument(listing)
     try:
         from pipelines.local.cli import commands as local_cli
     except ImportError as exc:
@@ -689,7 +801,10 @@ def main(argv: Sequence[str] | None = None, clients: AwsClients | None = None) -
         types = definition_parameter_types(definition_file) if definition_file else None
         args.parameters = parse_parameters(getattr(args, "param", None) or [], types)
         if args.command == "start" and not definition_file:
-            check_start_parameters(args.parameters)
+            if args.target == "local" and not args.no_local_profile:
+                args.profile = apply_local_profile(args.parameters)
+                args.parameters = args.profile.overrides()
+            check_start_parameters(args.parameters, local=args.target == "local")
         if args.target == "local":
             check_mlops_home()
             return run_local(args) if clients is None else run_local(args, clients)

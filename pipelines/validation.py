@@ -11,6 +11,7 @@ trainer's where not.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 APPROVAL_STATUSES = ("Approved", "Rejected", "PendingManualApproval")
@@ -52,10 +53,27 @@ def _relations(values: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def _choices(values: Mapping[str, Any], architectures: Callable[[], tuple[str, ...]]) -> list[str]:
+def _timm_model(arch: str) -> bool:
+    if not arch.startswith("timm/"):
+        return False
+    try:
+        import timm
+    except ImportError:
+        return False
+    return arch.removeprefix("timm/") in timm.list_models()
+
+
+def _choices(values: Mapping[str, Any], architectures: Callable[[], tuple[str, ...]], local: bool) -> list[str]:
     problems = []
-    if "Arch" in values and values["Arch"] not in architectures():
-        problems.append(f"Arch={values['Arch']!r} is not a supported architecture ({', '.join(architectures())})")
+    arch = str(values.get("Arch", ""))
+    if "Arch" in values and arch not in architectures() and not _timm_model(arch):
+        problems.append(f"Arch={arch!r} is not a supported architecture ({', '.join(architectures())}, or "
+                        "timm/<name> for a model timm.list_models() knows)")
+    weights = str(values.get("PretrainedWeights", "s3://"))
+    if not weights.startswith("s3://") and not (local and Path(weights).expanduser().exists()):
+        problems.append(f"PretrainedWeights={weights!r} must be an s3:// URI" +
+                        (" or an existing local file or folder" if local else " (a local path works only with "
+                         "--target local)"))
     if "ModelApprovalStatus" in values and values["ModelApprovalStatus"] not in APPROVAL_STATUSES:
         problems.append(f"ModelApprovalStatus={values['ModelApprovalStatus']!r} must be one of "
                         f"{', '.join(APPROVAL_STATUSES)}")
@@ -70,7 +88,8 @@ def _choices(values: Mapping[str, Any], architectures: Callable[[], tuple[str, .
     return problems
 
 
-def check_parameters(values: Mapping[str, Any],
-                     architectures: Callable[[], tuple[str, ...]] = _architectures) -> list[str]:
-    """Every problem with an execution's parameter values (typed as the definition types them), one line each."""
-    return _ranges(values) + _relations(values) + _choices(values, architectures)
+def check_parameters(values: Mapping[str, Any], architectures: Callable[[], tuple[str, ...]] = _architectures, *,
+                     local: bool = False) -> list[str]:
+    """Every problem with an execution's parameter values (typed as the definition types them), one line each;
+    ``local``: for the local target, where a local path is also an input location."""
+    return _ranges(values) + _relations(values) + _choices(values, architectures, local)

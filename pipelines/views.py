@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -22,9 +23,11 @@ logger = logging.getLogger(__name__)
 RULE_STYLES = {"IssuesFound": "yellow", "Error": "red", "InProgress": "cyan"}
 
 
-def console() -> Console:
-    out = Console()
-    return out if out.is_terminal else Console(width=10_000, soft_wrap=True)
+def console(stderr: bool = False) -> Console:
+    """A console for tables: the terminal's width on a terminal; otherwise (a pipe, a file, CI) as wide as the
+    longest row, so that no cell is wrapped or truncated and each row stays one line for ``grep``/``awk``."""
+    out = Console(stderr=stderr)
+    return out if out.is_terminal else Console(stderr=stderr, width=100_000, soft_wrap=True, no_color=True)
 
 
 def _iso(value: Any) -> str:
@@ -178,3 +181,139 @@ def render_execution(sm_client: Any, described: Mapping[str, Any], steps: list[d
     for table in (rules_table(sm_client, steps), trials_table(sm_client, steps)):
         if table is not None:
             out.print(table)
+
+
+# --- output for scripts --------------------------------------------------------------------------------------------
+
+OUTPUT_FORMATS = ("table", "json")
+
+
+def add_output_argument(parser: Any) -> None:
+    """``--output table|json`` of every read command (the JSON shapes are listed in docs/CONTRACTS.md §10)."""
+    parser.add_argument("--output", choices=OUTPUT_FORMATS, default="table",
+                        help="a table (default), or JSON with stable keys for scripts")
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with datetimes and other non-JSON values as strings, ``ResponseMetadata`` dropped."""
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k != "ResponseMetadata"}
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(value: Any) -> str:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+def print_json(value: Any) -> None:
+    """The one way read commands print JSON (stdout, indented, ISO-8601 times)."""
+    sys.stdout.write(json.dumps(jsonable(value), indent=2) + "\n")
+
+
+def executions_table(summaries: list[Mapping[str, Any]]) -> Table:
+    """``ListPipelineExecutions`` summaries, newest first."""
+    table = Table(title="Executions")
+    for col in ("Execution", "Status", "Started", "Display name", "ARN"):
+        table.add_column(col, overflow="fold")
+    for summary in summaries:
+        arn = summary.get("PipelineExecutionArn", "")
+        table.add_row(_arn_name(arn), str(summary.get("PipelineExecutionStatus", "")),
+                      _iso(summary.get("StartTime")), str(summary.get("PipelineExecutionDisplayName") or ""), arn)
+    return table
+
+
+# --- progress ---------------------------------------------------------------------------------------------------
+
+
+def _seconds(value: float) -> str:
+    value = max(0, int(value))
+    return f"{value // 3600}h{value % 3600 // 60:02d}m" if value >= 3600 else \
+        f"{value // 60}m{value % 60:02d}s" if value >= 60 else f"{value}s"
+
+
+def _hyperparameter(value: Any) -> str:
+    text = str(value or "")
+    return text[1:-1] if len(text) >= 2 and text[0] == text[-1] == '"' else text
+
+
+def _elapsed(start: Any, now: datetime) -> float:
+    return (now - start).total_seconds() if isinstance(start, datetime) else 0.0
+
+
+def job_epochs(described: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """``(epochs done, epochs planned)`` of a training job from ``DescribeTrainingJob``: the ``epoch`` metric
+    (``FinalMetricDataList``, which SageMaker updates while the job runs) and the ``epochs`` hyperparameter."""
+    done = next((m.get("Value") for m in described.get("FinalMetricDataList") or []
+                 if m.get("MetricName") == "epoch"), None)
+    planned = _hyperparameter((described.get("HyperParameters") or {}).get("epochs"))
+    return (int(done) if isinstance(done, int | float) else None, int(planned) if planned.isdigit() else None)
+
+
+def training_progress(described: Mapping[str, Any], now: datetime) -> str:
+    """``epoch 2/5 · 40s · ETA 1m00s`` of a running training job (the ETA from the mean epoch time so far)."""
+    elapsed = _elapsed(described.get("TrainingStartTime") or described.get("CreationTime"), now)
+    done, planned = job_epochs(described)
+    if not planned:
+        return f"{_seconds(elapsed)}"
+    text = f"epoch {done or 0}/{planned} · {_seconds(elapsed)}"
+    if done:
+        text += f" · ETA {_seconds(elapsed / done * (planned - done))}"
+    return text
+
+
+def tuning_progress(sm_client: Any, tuning_job: str, now: datetime) -> str:
+    """``trials 3/12 done, 1 running (epoch 2/5) · ETA 4m10s`` of a running tuning job: the counters of
+    ``DescribeHyperParameterTuningJob``, the mean duration of its finished trials, the parallel limit."""
+    described = sm_client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=tuning_job)
+    limits = (described.get("HyperParameterTuningJobConfig") or {}).get("ResourceLimits") or {}
+    total, parallel = limits.get("MaxNumberOfTrainingJobs"), max(1, limits.get("MaxParallelTrainingJobs") or 1)
+    counters = described.get("TrainingJobStatusCounters") or {}
+    running = int(counters.get("InProgress") or 0)
+    done = sum(int(counters.get(k) or 0) for k in ("Completed", "RetryableError", "NonRetryableError", "Stopped"))
+    summaries = _tuning_summaries(sm_client, tuning_job)
+    durations = [(s["TrainingEndTime"] - s["TrainingStartTime"]).total_seconds() for s in summaries
+                 if isinstance(s.get("TrainingEndTime"), datetime) and isinstance(s.get("TrainingStartTime"), datetime)]
+    epochs = [training_progress(sm_client.describe_training_job(TrainingJobName=s["TrainingJobName"]), now)
+              for s in summaries if s.get("TrainingJobStatus") == "InProgress"][:3]
+    text = f"trials {done}/{total or '?'} done, {running} running" + (f" ({'; '.join(epochs)})" if epochs else "")
+    if durations and total:
+        waves = -(-(total - done) // parallel)  # ceil
+        text += f" · ETA {_seconds(waves * sum(durations) / len(durations))}"
+    return text
+
+
+def step_progress(sm_client: Any, step: Mapping[str, Any], now: datetime | None = None) -> str:
+    """One line of progress of an executing step (tuning trials, training epochs, elapsed time otherwise)."""
+    now = now or datetime.now(tz=step["StartTime"].tzinfo if isinstance(step.get("StartTime"), datetime) else None)
+    meta = step.get("Metadata") or {}
+    try:
+        if (meta.get("TuningJob") or {}).get("Arn"):
+            return tuning_progress(sm_client, _arn_name(meta["TuningJob"]["Arn"]), now)
+        if (meta.get("TrainingJob") or {}).get("Arn"):
+            job = sm_client.describe_training_job(TrainingJobName=_arn_name(meta["TrainingJob"]["Arn"]))
+            return training_progress(job, now)
+    except ClientError as exc:
+        logger.debug("progress of %s: %s", step.get("StepName"), exc)
+    return _seconds(_elapsed(step.get("StartTime"), now))
+
+
+def status_record(described: Mapping[str, Any], steps: list[dict[str, Any]],
+                  progress: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``status --output json``: ``PipelineExecutionArn``, ``PipelineExecutionStatus``, ``FailureReason``,
+    ``Steps`` (``{step: status}``) and ``Progress`` (``{executing step: text}``)."""
+    return {"PipelineExecutionArn": described.get("PipelineExecutionArn"),
+            "PipelineExecutionStatus": described.get("PipelineExecutionStatus"),
+            "FailureReason": described.get("FailureReason"),
+            "Steps": {s["StepName"]: s.get("StepStatus") for s in steps},
+            "Progress": dict(progress or {})}
+
+
+def status_table(record: Mapping[str, Any]) -> Table:
+    """The table of ``status``: each step, its status, and the progress of those executing."""
+    table = Table(title=f"{_arn_name(record.get('PipelineExecutionArn'))} {record.get('PipelineExecutionStatus')}"
+                  + (f": {record['FailureReason']}" if record.get("FailureReason") else ""))
+    for col in ("Step", "Status", "Progress"):
+        table.add_column(col, overflow="fold")
+    for name, status in record["Steps"].items():
+        table.add_row(name, str(status), record["Progress"].get(name, ""))
+    return table

@@ -69,7 +69,7 @@ def test_upsert_start_list_describe_against_moto(aws_env, capsys):
         params = sm.describe_pipeline_execution(PipelineExecutionArn=arn)
         assert params["PipelineExecutionArn"] == arn
 
-        assert run.main(["--target", "sagemaker", "list-executions"]) == 0
+        assert run.main(["--target", "sagemaker", "list-executions", "--output", "json"]) == 0
         listed = json.loads(capsys.readouterr().out)
         assert [e["PipelineExecutionArn"] for e in listed] == [arn]
 
@@ -96,7 +96,7 @@ def test_status_and_stop_with_stubber(aws_env, capsys):
                       {"PipelineExecutionArn": EXECUTION_ARN, "ClientRequestToken": ANY})
     clients = run.AwsClients(sagemaker=sm, s3=None, sts=None)
     with stub:
-        assert run.main(["--target", "sagemaker", "status", EXECUTION_ARN], clients=clients) == 0
+        assert run.main(["--target", "sagemaker", "status", EXECUTION_ARN, "--output", "json"], clients=clients) == 0
         status = json.loads(capsys.readouterr().out)
         assert status["Steps"] == {"PrepareData": "Succeeded", "TuneHyperparameters": "Executing"}
         assert run.main(["--target", "sagemaker", "stop", EXECUTION_ARN], clients=clients) == 0

@@ -288,8 +288,13 @@ def test_training_uses_the_uploaded_sourcedir(definition, bundles):
     for hps in (static, train):
         assert json.loads(hps["sagemaker_submit_directory"]) == code.sourcedir
         assert json.loads(hps["sagemaker_program"]) == "training/train.py"
-    channels = [c["ChannelName"] for c in steps[pl.STEP_TRAIN]["Arguments"]["InputDataConfig"]]
-    assert channels == ["train", "validation"]
+    for config in (steps[pl.STEP_TRAIN]["Arguments"]["InputDataConfig"],
+                   steps[pl.STEP_TUNE]["Arguments"]["TrainingJobDefinition"]["InputDataConfig"]):
+        assert [c["ChannelName"] for c in config] == ["train", "validation", "pretrained"]
+        pretrained = config[-1]["DataSource"]["S3DataSource"]
+        assert pretrained["S3Uri"] == {"Get": "Parameters.PretrainedWeights"}
+    default = next(p for p in definition["Parameters"] if p["Name"] == "PretrainedWeights")["DefaultValue"]
+    assert default == packaging.no_pretrained_weights_uri(BUCKET, "imgclf")
 
 
 def test_tuning_objective_ranges_and_metrics(definition):

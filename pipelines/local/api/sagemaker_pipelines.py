@@ -722,11 +722,35 @@ def _step_job(kind: JobKind, step: Mapping[str, Any]) -> dict[str, Any] | None:
     if kind is TRAINING:
         job.setdefault("SecondaryStatus", "Training" if status == "InProgress" else status)
         job.setdefault("TrainingStartTime", step["started_at"])
+        if status == "InProgress":
+            definitions = (request.get("AlgorithmSpecification") or {}).get("MetricDefinitions") or []
+            job["FinalMetricDataList"] = _metrics_so_far(step.get("log_path"), definitions)
     elif kind is PROCESSING:
         job.setdefault("ProcessingStartTime", step["started_at"])
     else:
         job.update(_tuning_counters(step, props))
     return job
+
+
+#: How much of a running job's log is read for its metrics so far (the newest lines; epochs print one line each).
+_METRICS_TAIL_BYTES = 256 * 1024
+
+
+def _metrics_so_far(log_path: str | None, definitions: list[Mapping[str, str]]) -> list[dict[str, Any]]:
+    """A running job's ``FinalMetricDataList``: the latest value of each metric definition in its log so far, as
+    SageMaker updates it from the metrics it has read while the job runs (``epoch`` gives progress)."""
+    from pipelines.local.jobs.runtime import final_metrics
+
+    if not log_path or not definitions:
+        return []
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - _METRICS_TAIL_BYTES))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return final_metrics(text, definitions)
 
 
 def _trial_rows(execution_id: str | None = None, step_name: str | None = None) -> list[dict[str, Any]]:
@@ -783,6 +807,9 @@ def _trial_job(trial: Mapping[str, Any], tuning_step: Mapping[str, Any] | None) 
         tuning_name = _job_name(TUNING, tuning_step["execution_id"], tuning_step)
         job["TuningJobName"], job["TuningJobArn"] = tuning_name, _job_arn("hyper-parameter-tuning-job",
                                                                           tuning_name or "")
+    if status == "InProgress":
+        definitions = (definition.get("AlgorithmSpecification") or {}).get("MetricDefinitions") or []
+        job["FinalMetricDataList"] = _metrics_so_far(trial.get("log_path"), definitions)
     metric = _objective_name(source)
     if trial["objective"] is not None and metric:
         job["FinalMetricDataList"] = [{"MetricName": metric, "Value": trial["objective"],

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from rich.console import Console
 
+from pipelines import views
 from pipelines.local.storage.executions import ExecutionStore
 
 logger = logging.getLogger(__name__)
@@ -33,9 +34,11 @@ def add_local_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("local", help="the local AWS service: up (idempotent, prints the URL), down, status")
     p.add_argument("local_command", choices=("up", "down", "status"))
     p.add_argument("--port", type=int, default=0, help="port for `local up` (default: a free one)")
+    views.add_output_argument(p)
     p.set_defaults(command="local")
     p = subparsers.add_parser("report", help="print the profiler report path(s) of an execution's training steps")
     p.add_argument("execution", nargs="?", default="latest", help="execution id (or prefix, or 'latest')")
+    views.add_output_argument(p)
     p.set_defaults(command="report")
     p = subparsers.add_parser("gc", help="remove old finished executions' job directories (runs/); artifacts, "
                               "registry and endpoints are kept")
@@ -86,6 +89,10 @@ def _cmd_local(args: argparse.Namespace) -> int:
         console.print("stopped the local AWS service" if stopped else "the local AWS service was not running")
         return 0
     running = server.status()
+    if args.output == "json":
+        views.print_json({"Running": running is not None, "Url": (running or {}).get("url"),
+                          "Pid": (running or {}).get("pid")})
+        return 0 if running is not None else 1
     if running is None:
         console.print("the local AWS service is not running (start it: python -m pipelines.run local up)")
         return 1
@@ -99,6 +106,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     reports = [(s["step_name"], (s.get("properties") or {}).get("ProfilerReport"))
                for s in records.steps(execution["execution_id"])]
     reports = [(name, path) for name, path in reports if path]
+    if args.output == "json":
+        views.print_json({"PipelineExecutionId": execution["execution_id"],
+                          "Reports": [{"StepName": name, "ProfilerReport": path} for name, path in reports]})
+        return 0 if reports else 1
     if not reports:
         err_console.print(f"execution {execution['execution_id']} has no profiler report "
                           "(no training step with a ProfilerConfig has succeeded)")

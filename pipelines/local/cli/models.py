@@ -32,6 +32,7 @@ from botocore.exceptions import ClientError
 from rich.console import Console
 from rich.table import Table
 
+from pipelines import views
 from pipelines.local.api import clients
 from pipelines.local.serving import endpoints
 from pipelines.local.storage import registry
@@ -46,7 +47,8 @@ IMAGE_CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "ima
 
 
 def _out() -> Console:
-    return Console()  # created per command so that COLUMNS and redirections in effect now apply
+    """Created per command so that COLUMNS and redirections in effect now apply; unwrapped when not a terminal."""
+    return views.console()
 
 
 def _err() -> Console:
@@ -65,11 +67,13 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p = msub.add_parser("list", help="model versions with approval status and accuracy")
     p.add_argument("--group", help="model package group (default: all groups)")
     p.add_argument("--status", choices=registry.APPROVAL_STATUSES, help="only versions with this approval status")
+    views.add_output_argument(p)
 
     p = msub.add_parser("describe", help="one model version in detail")
     p.add_argument("model", help="model package ARN, <group>/<version> or a version number")
     p.add_argument("--group", help=f"group of a bare version number (default {registry.DEFAULT_GROUP})")
-    p.add_argument("--json", action="store_true", help="print the DescribeModelPackage response as JSON")
+    p.add_argument("--json", action="store_true", help="the same as --output json")
+    views.add_output_argument(p)
 
     for verb, status in (("approve", "Approved"), ("reject", "Rejected")):
         p = msub.add_parser(verb, help=f"set a version to {status} and deploy the latest approved version")
@@ -86,7 +90,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     eps = subparsers.add_parser("endpoints", help="local endpoints: list, invoke, delete, restart")
     eps.set_defaults(cli_group="endpoints")
     esub = eps.add_subparsers(dest="endpoints_command", required=True, metavar="{list,invoke,delete,restart}")
-    esub.add_parser("list", help="local endpoints, their status, URL and the model they serve")
+    views.add_output_argument(esub.add_parser("list", help="local endpoints, their status, URL and the model they "
+                                                         "serve"))
     p = esub.add_parser("invoke", help="send a file to an endpoint's /invocations")
     p.add_argument("name", help="endpoint name")
     p.add_argument("--file", required=True, type=Path, help="request body, e.g. an image")
@@ -132,8 +137,23 @@ def _styled(status: str | None) -> str:
     return f"[{style}]{status or '-'}[/{style}]"
 
 
+def package_record(package: registry.ModelPackage) -> dict[str, Any]:
+    """``models list --output json``: one version (stable keys)."""
+    return {"ModelPackageGroupName": package.group, "ModelPackageVersion": package.version,
+            "ModelPackageArn": package.arn, "ModelApprovalStatus": package.approval_status,
+            "Accuracy": package.accuracy, "CreationTime": _iso_time(package.creation_time),
+            "ModelPackageDescription": package.description}
+
+
+def _iso_time(epoch: float | None) -> str | None:
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat() if epoch else None
+
+
 def _models_list(args: argparse.Namespace) -> int:
     packages = registry.list_packages(args.group, args.status)
+    if args.output == "json":
+        views.print_json([package_record(p) for p in packages])
+        return 0
     if not packages:
         _out().print("No model versions registered" + (f" in group {args.group!r}" if args.group else "") + ".")
         return 0
@@ -149,8 +169,8 @@ def _models_list(args: argparse.Namespace) -> int:
 
 def _models_describe(args: argparse.Namespace) -> int:
     package = registry.get_package(args.model, args.group)
-    if args.json:
-        _out().print_json(json.dumps(package.describe(), default=str))
+    if args.json or args.output == "json":
+        views.print_json(package.describe())
         return 0
     container = package.container or {}
     env = container.get("Environment") or {}
@@ -376,6 +396,9 @@ def _endpoints_list(args: argparse.Namespace) -> int:
     described = _described_endpoints(client)
     servers = {e.name: e for e in endpoints.list_endpoints()}
     names = sorted(set(described) | set(servers))
+    if args.output == "json":
+        views.print_json([endpoint_record(client, name, described.get(name, {}), servers.get(name)) for name in names])
+        return 0
     if not names:
         _out().print("No local endpoints.")
         return 0
@@ -395,6 +418,19 @@ def _endpoints_list(args: argparse.Namespace) -> int:
                       _fmt_time(server.deployed_at) if server else "-", note)
     _out().print(table)
     return 0
+
+
+def endpoint_record(client: Any, name: str, desc: dict[str, Any], server: Any) -> dict[str, Any]:
+    """``endpoints list --output json``: one endpoint (stable keys)."""
+    notes = [desc.get("FailureReason"), serving_note(client, desc.get("EndpointConfigName"))]
+    return {"EndpointName": name, "EndpointStatus": desc.get("EndpointStatus"),
+            "EndpointConfigName": desc.get("EndpointConfigName"),
+            "ServerAlive": None if server is None else bool(server.alive),
+            "Url": server.url if server is not None else None,
+            "ModelPackageArn": served_package(client, desc.get("EndpointConfigName")),
+            "ModelDir": str(server.model_dir) if server is not None else None,
+            "DeployedAt": _iso_time(server.deployed_at) if server is not None else None,
+            "Note": " ".join(n for n in notes if n) or None}
 
 
 def _endpoints_invoke(args: argparse.Namespace) -> int:
