@@ -7,6 +7,7 @@ local AWS service (:mod:`pipelines.local.api`). What SageMaker has no API for li
 - ``local up [--port P]`` / ``local down`` / ``local status``: the local AWS service itself;
 - ``report [EXECUTION]``: the profiler report path(s) of an execution's training steps;
 - ``gc``: old finished executions' job directories;
+- ``ui [--port P] [--open]``: the local Studio (:mod:`pipelines.local.ui`);
 - ``models ...`` / ``endpoints ...`` (:mod:`pipelines.local.cli.models`).
 
 ``add_local_subcommands(subparsers)`` adds them; ``dispatch(args)`` runs one and returns the exit code.
@@ -48,6 +49,11 @@ def add_local_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-last", type=int, default=5, help="always keep the newest N executions (default 5)")
     p.add_argument("--dry-run", action="store_true", help="list what would be removed")
     p.set_defaults(command="gc")
+    p = subparsers.add_parser("ui", help="the local Studio: executions, trials, registry approve/reject, endpoints "
+                              "in a browser (127.0.0.1 only; docs/UI.md)")
+    p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default %(default)s; 0: a free one)")
+    p.add_argument("--open", action="store_true", help="open it in the default browser")
+    p.set_defaults(command="ui")
     try:
         from pipelines.local.cli import models as cli_models
     except ImportError as exc:  # the registry CLI is optional for the engine
@@ -131,5 +137,21 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from pipelines.local.ui import server as ui_server
+
+    def announce(url: str) -> None:
+        sys.stdout.write(url + "\n")
+        sys.stdout.flush()
+        err_console.print(f"local Studio on {url} (Ctrl-C to stop)", highlight=False)
+
+    try:
+        return ui_server.serve(port=args.port, open_browser=args.open, announce=announce)
+    except OSError as exc:
+        err_console.print(f"[red]error:[/red] cannot serve on 127.0.0.1:{args.port}: {exc.strerror or exc}",
+                          highlight=False)
+        return 2
+
+
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {"local": _cmd_local, "report": _cmd_report,
-                                                              "gc": _cmd_gc}
+                                                              "gc": _cmd_gc, "ui": _cmd_ui}
