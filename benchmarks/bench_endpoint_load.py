@@ -13,7 +13,10 @@ whose handler sleeps ``--work-ms`` per request, and measures, sampling the serve
 - ``shutdown``: one idle connection + one request in flight (1 s), then SIGTERM: time to exit, exit code, answer.
 
 Writes JSON to ``benchmarks/results/endpoint_load.json`` (``--out``). Server settings: ``--server-env KEY=VALUE``
-(``MLOPS_ENDPOINT_*``, see docs/LIMITS.md), e.g. ``--server-env MLOPS_ENDPOINT_WORKERS=4``.
+(``MLOPS_ENDPOINT_*``, see docs/LIMITS.md), e.g. ``--server-env MLOPS_ENDPOINT_WORKERS=4``. The handler here sleeps
+instead of computing, and the server runs handlers on one inference thread by default: for figures comparable with
+a server that slept on every request thread, add ``--server-env MLOPS_ENDPOINT_INFERENCE_THREADS=<workers>``.
+Latency and throughput of a real model (and TorchServe): ``benchmarks/bench_endpoint.py``.
 
     .venv/bin/python benchmarks/bench_endpoint_load.py [--root DIR] [--burst 200] [--hold-s 12] [--clients 32]
 """

@@ -24,6 +24,10 @@ subclass its ``BaseInferenceToolkitError``, which the toolkit's ``Transformer`` 
 of a 500 (its own ``UnsupportedFormatError`` is a plain ``Exception`` and would become a 500). Nothing here exits the
 process: a bad request fails that request only.
 
+``predict_batch_fn(inputs, model)`` is not part of the toolkit's contract: the local endpoint server calls it to
+predict several requests (each already through ``input_fn``) in one forward pass, and answers each with what
+``predict_fn`` would have given it; SageMaker's toolkit ignores it.
+
 Limits (environment variables, read per request): ``INFERENCE_MAX_BODY_BYTES`` (default 16 MiB, per image and per
 request body), ``INFERENCE_MAX_PIXELS`` (default 4096*4096 per image; bigger images, decompression bombs included,
 are refused from their header before being decoded), ``INFERENCE_MAX_BATCH_SIZE`` (default 32 images per request),
@@ -487,8 +491,8 @@ def input_fn(request_body: Any, request_content_type: str | None) -> InferenceIn
 # --------------------------------------------------------------------------------------------------- predict_fn
 
 
-def predict_fn(input_data: InferenceInput, model: ServingModel) -> Prediction:
-    """Run the network on every image of the request (one forward pass; bf16 autocast on CUDA)."""
+def _model_inputs(input_data: InferenceInput, model: ServingModel) -> list[torch.Tensor]:
+    """One request's images as preprocessed ``CHW`` tensors of one shape (what ``predict_fn`` refuses, refused)."""
     if not isinstance(input_data, InferenceInput):
         raise InvalidRequest(f"predict_fn expects the output of input_fn, got {type(input_data).__name__}")
     if not input_data.images:
@@ -498,6 +502,11 @@ def predict_fn(input_data: InferenceInput, model: ServingModel) -> Prediction:
     if len({tuple(t.shape) for t in tensors}) != 1:
         raise InvalidRequest(f"images of one batch must have the same shape after preprocessing; got "
                              f"{sorted({tuple(t.shape) for t in tensors})}")
+    return tensors
+
+
+def _forward(tensors: list[torch.Tensor], model: ServingModel) -> list[dict[str, Any]]:
+    """One forward pass on tensors of one shape (bf16 autocast on CUDA); one result per tensor."""
     batch = torch.stack(tensors).to(model.device, non_blocking=True)
     autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
     if model.device.type == "cuda":
@@ -517,8 +526,44 @@ def predict_fn(input_data: InferenceInput, model: ServingModel) -> Prediction:
             "top_k": [{"class_name": model.classes[i], "probability": float(p)} for p, i in zip(row_p, row_i,
                                                                                                  strict=True)],
         })
+    return results
+
+
+def predict_fn(input_data: InferenceInput, model: ServingModel) -> Prediction:
+    """Run the network on every image of the request (one forward pass; bf16 autocast on CUDA)."""
+    results = _forward(_model_inputs(input_data, model), model)
     logger.debug("predicted %d image(s): %s", len(results), [r["class_name"] for r in results])
     return Prediction(results=results, batched=input_data.batched)
+
+
+def predict_batch_fn(inputs: list[InferenceInput], model: ServingModel) -> list[Prediction]:
+    """``predict_fn`` for several requests at once (the local endpoint's micro-batching): the images of all of them
+    go through the network together, in forward passes of at most ``INFERENCE_MAX_BATCH_SIZE`` images of one shape,
+    and each request gets the :class:`Prediction` ``predict_fn`` would give it (the same classes; probabilities
+    equal to float rounding, as a different batch size may sum in another order).
+
+    Raises what ``predict_fn`` raises for any one of them; the caller then predicts them one by one, so that only
+    that request fails. Not a toolkit function: the SageMaker toolkit never calls it (TorchServe's batching calls
+    ``predict_fn`` per request through the toolkit), so serving on AWS is unchanged.
+    """
+    per_request = [_model_inputs(item, model) for item in inputs]
+    flat = [tensor for tensors in per_request for tensor in tensors]
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for position, tensor in enumerate(flat):
+        by_shape.setdefault(tuple(tensor.shape), []).append(position)
+    results: list[dict[str, Any]] = [{} for _ in flat]
+    chunk = max_batch_size()
+    for positions in by_shape.values():
+        for first in range(0, len(positions), chunk):
+            part = positions[first:first + chunk]
+            for position, result in zip(part, _forward([flat[i] for i in part], model), strict=True):
+                results[position] = result
+    predictions, start = [], 0
+    for item, tensors in zip(inputs, per_request, strict=True):
+        predictions.append(Prediction(results=results[start:start + len(tensors)], batched=item.batched))
+        start += len(tensors)
+    logger.debug("predicted %d image(s) of %d requests in one batch", len(flat), len(inputs))
+    return predictions
 
 
 # --------------------------------------------------------------------------------------------------- output_fn
