@@ -53,20 +53,17 @@ def _relations(values: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def _timm_model(arch: str) -> bool:
-    if not arch.startswith("timm/"):
-        return False
-    try:
-        import timm
-    except ImportError:
-        return False
-    return arch.removeprefix("timm/") in timm.list_models()
+def _supported_arch(arch: str) -> bool:
+    """training.model's one check: a torchvision name or ``timm/<name>`` that timm knows."""
+    from training.model import is_supported_arch
+
+    return is_supported_arch(arch)
 
 
 def _choices(values: Mapping[str, Any], architectures: Callable[[], tuple[str, ...]], local: bool) -> list[str]:
     problems = []
     arch = str(values.get("Arch", ""))
-    if "Arch" in values and arch not in architectures() and not _timm_model(arch):
+    if "Arch" in values and arch not in architectures() and not _supported_arch(arch):
         problems.append(f"Arch={arch!r} is not a supported architecture ({', '.join(architectures())}, or "
                         "timm/<name> for a model timm.list_models() knows)")
     weights = str(values.get("PretrainedWeights", "s3://"))

@@ -19,6 +19,10 @@ directory) and ``--test-dir`` (ImageFolder: ``<class>/<image>``). Output in ``--
   ``zero_division=0`` convention; macro/weighted averages are over the classes present in the labels or predictions.
 - ``confusion_matrix.png`` (matplotlib, Agg backend; skipped with a warning if matplotlib is missing).
 
+A model archive with ``code/requirements.txt`` (a timm model's pins timm) gets it installed with ``sys.executable -m
+pip install -r`` before the model is loaded, as the PyTorch serving toolkit does for endpoints, unless every
+requirement is already installed (the usual case: the job's image has them).
+
 Unreadable test images are skipped, logged and listed under ``dataset.skipped``. Test classes the model does not
 know are an error (the test set and the model disagree, so the metrics would be meaningless). A ``model.pth`` that
 ``torch.load(weights_only=True)`` refuses (a malicious pickle, a corrupt or truncated file) or a refused
@@ -48,6 +52,7 @@ from PIL import Image
 from inference.inference import to_rgb
 from training.archives import UnsafeArchiveError, safe_extract
 from training.model import CONFIG_FILE, InvalidModelError, eval_transform, load_model
+from training.serving_code import install_requirements, requirements_path, unsatisfied_requirements
 
 logger = logging.getLogger("evaluate")
 
@@ -263,6 +268,25 @@ def resolve_model_dir(model_dir: Path, scratch: Path) -> Path:
     raise EvaluationError(f"{model_dir} has neither {MODEL_ARCHIVE} nor {CONFIG_FILE}")
 
 
+def install_model_requirements(model_dir: Path) -> list[str]:
+    """Install the model archive's ``code/requirements.txt`` (timm for a timm model) with ``sys.executable -m pip
+    install -r``, as the PyTorch serving toolkit does at container start, when one of its requirements is not
+    already installed; returns those requirements (empty: nothing was installed)."""
+    path = requirements_path(model_dir)
+    if path is None:
+        return []
+    missing = unsatisfied_requirements(path)
+    if not missing:
+        logger.info("%s: every requirement is already installed", path)
+        return []
+    logger.info("%s: installing %s", path, ", ".join(missing))
+    try:
+        install_requirements(path)
+    except RuntimeError as exc:
+        raise EvaluationError(str(exc)) from exc
+    return missing
+
+
 def predict(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
             samples: list[tuple[Path, int]]) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
     labels, probs, skipped = [], [], []
@@ -309,6 +333,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="evaluate-model-") as scratch:
         model_dir = resolve_model_dir(args.model_dir, Path(scratch))
+        install_model_requirements(model_dir)
         try:
             model, config = load_model(model_dir, device=device)
         except InvalidModelError as exc:

@@ -3,7 +3,12 @@
 Container contract (every path is a flag whose default comes from the SageMaker env var):
 ``--train`` ($SM_CHANNEL_TRAIN) and ``--validation`` ($SM_CHANNEL_VALIDATION) are ImageFolder directories
 (``<class>/<file>``), ``--model-dir`` ($SM_MODEL_DIR), ``--output-data-dir`` ($SM_OUTPUT_DATA_DIR),
-``--checkpoint-dir`` ($SM_CHECKPOINT_DIR, default ``/opt/ml/checkpoints``), ``--num-gpus`` ($SM_NUM_GPUS).
+``--checkpoint-dir`` ($SM_CHECKPOINT_DIR, default ``/opt/ml/checkpoints``), ``--num-gpus`` ($SM_NUM_GPUS),
+``--pretrained-dir`` ($SM_CHANNEL_PRETRAINED, the ``pretrained`` channel: only ``NO_PRETRAINED_WEIGHTS.txt``, or
+nothing, means no weights; otherwise exactly one ``.pth``/``.pt``/``.bin`` state dict, loaded with
+``weights_only=True`` into the backbone before the head is replaced -- shape-checked, see
+``training.model.load_backbone_weights`` -- and winning over ``--pretrained``).
+``--arch`` is a torchvision name or ``timm/<model_name>`` (``training.model.is_supported_arch``).
 Hyperparameters arrive as ``--name value`` strings (booleans ``True``/``False``); canonical names use
 underscores (``--batch_size``), dashed aliases (``--batch-size``) are accepted too; unknown arguments are
 logged and ignored.
@@ -13,7 +18,11 @@ Outputs
 * stdout: one metric line per epoch (``training.metrics.format_epoch_metrics``), read by SageMaker's and
   the local tuner's regexes.
 * ``model-dir``: the best epoch's weights via ``training.model.save_model`` (``model.pth`` +
-  ``model_config.json``, CONTRACTS §5; ``classes`` in ``class_to_idx`` order).
+  ``model_config.json``, CONTRACTS §5; ``classes`` in ``class_to_idx`` order; preprocessing from
+  ``training.model.preprocessing_config`` -- for timm also timm's ``input_size``, ``crop_pct``, ``interpolation``;
+  ``pretrained_weights``: what the backbone started from, ``pretrained_file``: ``{"file", "sha256"}`` (the first 12
+  hex digits) of the channel's file or null) and ``code/`` for serving (``code/requirements.txt`` pins timm for a
+  timm architecture).
 * ``checkpoint-dir/checkpoint.pth`` after every epoch (written to a temp file, fsynced, renamed): model,
   optimizer, scheduler, epoch, best weights/epoch/accuracy, early-stopping counter, epoch history, RNG
   states (python, numpy, torch, CUDA), bad files seen, a fingerprint of the hyperparameters that shape
@@ -43,7 +52,8 @@ Outputs
   - ``profiler/summary.json``: totals of this process's run::
 
         {"device", "cuda_device_name", "num_gpus", "workers", "amp", "channels_last", "start_epoch",
-         "epochs_completed", "resumed", "early_stopped", "best_epoch", "best_valid_accuracy", "wall_time_s",
+         "epochs_completed", "resumed", "early_stopped", "best_epoch", "best_valid_accuracy",
+         "pretrained_weights", "pretrained_file", "wall_time_s",
          "train": {"steps", "samples", "data_time_s", "compute_time_s", "samples_per_s", "data_time_fraction"},
          "eval": {...same...}, "bad_files_skipped", "bad_files": [{"path", "reason"}, ...],
          "system_monitor": {"samples", "interval_s", "max_cpu_percent", "max_rss_mb"}, "debugger_hook",
@@ -70,6 +80,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -88,14 +99,18 @@ from training.images import to_rgb
 from training.metrics import format_epoch_metrics
 from training.model import (
     ARCHITECTURES,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     MODEL_FILE,
     PretrainedWeightsUnavailable,
     build_model,
     eval_transform,
+    file_sha256,
+    is_supported_arch,
+    preprocessing_config,
+    pretrained_file,
     resolve_weights,
     save_model,
+    serving_requirements,
+    supported_archs_text,
     train_transform,
 )
 from training.serving_code import write_serving_code
@@ -173,6 +188,16 @@ def _str(value: str) -> str:
     return _unquote(value)
 
 
+def _arch(value: str) -> str:
+    """A torchvision architecture (case-insensitive) or ``timm/<model_name>`` (training.model.is_supported_arch)."""
+    text = _unquote(value)
+    if text.lower() in ARCHITECTURES:
+        return text.lower()
+    if not is_supported_arch(text):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a supported architecture ({supported_archs_text()})")
+    return text
+
+
 def _add(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
     """Add ``--name`` (canonical, underscores) and its dashed alias."""
     flags = [f"--{name}"]
@@ -202,10 +227,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
          help="per-epoch checkpoint, resumed on restart ($SM_CHECKPOINT_DIR)")
     _add(parser, "num_gpus", type=_int, default=_int(env("SM_NUM_GPUS") or "-1"),
          help="GPUs the job has ($SM_NUM_GPUS); 0 forces CPU; -1 (unset): use CUDA when available")
+    _add(parser, "pretrained_dir", type=str, default=env("SM_CHANNEL_PRETRAINED", ""),
+         help="pretrained channel ($SM_CHANNEL_PRETRAINED): one state dict file (.pth/.pt/.bin) loaded into the "
+              "backbone before the head is replaced, or only NO_PRETRAINED_WEIGHTS.txt (no weights); a file wins "
+              "over --pretrained")
     # model
-    _add(parser, "arch", type=_choice(ARCHITECTURES), default="resnet18", help="|".join(ARCHITECTURES))
+    _add(parser, "arch", type=_arch, default="resnet18",
+         help="|".join(ARCHITECTURES) + "|timm/<model_name>")
     _add(parser, "pretrained", type=_str, default="none",
-         help="none | default | a torchvision weights name such as IMAGENET1K_V1")
+         help="none | default | a torchvision weights name such as IMAGENET1K_V1 (timm/<name>: none | default)")
     _add(parser, "pretrained_fallback", type=_choice(PRETRAINED_FALLBACKS), default="fail",
          help="when pretrained weights cannot be loaded (offline): fail, or train from scratch")
     _add(parser, "download_timeout", type=_float, default=60.0,
@@ -550,8 +580,10 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
 
 
-def _fingerprint(args: argparse.Namespace, classes: list[str]) -> str:
+def _fingerprint(args: argparse.Namespace, classes: list[str], pretrained: dict[str, str] | None = None) -> str:
     payload = {key: getattr(args, key) for key in FINGERPRINT_KEYS} | {"classes": classes}
+    if pretrained:  # only then: a run without a file keeps the fingerprint older trainers wrote
+        payload["pretrained_file_sha256"] = pretrained["sha256"]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -572,8 +604,19 @@ def _data_fingerprint(channels: dict[str, str | Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _build_network(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, str | None]:
-    """The model, and the name of the pretrained weights actually loaded (None: from scratch)."""
+def _build_network(args: argparse.Namespace, num_classes: int, weights_file: Path | None = None,
+                   pretrained: dict[str, str] | None = None) -> tuple[nn.Module, str | None]:
+    """The model, and the name of the pretrained weights actually loaded (None: from scratch). A file of the
+    pretrained channel (``weights_file``) wins over ``--pretrained``."""
+    if weights_file is not None:
+        if resolve_weights(args.arch, args.pretrained) is not None:
+            logger.info("--pretrained %s is ignored: the pretrained channel holds %s, which wins", args.pretrained,
+                        weights_file.name)
+        model = build_model(args.arch, num_classes, args.hidden_units, args.dropout, None, args.freeze_backbone,
+                            pretrained_file=weights_file)
+        used = f"{weights_file.name} (sha256 {pretrained['sha256'] if pretrained else file_sha256(weights_file)})"
+        logger.info("pretrained weights from the pretrained channel: %s", used)
+        return model, used
     weights = resolve_weights(args.arch, args.pretrained)
     if weights is None:
         if args.freeze_backbone:
@@ -701,16 +744,49 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         monitor.stop()
 
 
-def _run(args: argparse.Namespace, device: torch.device, output_dir: Path, monitor: SystemMonitor,
-         started: float) -> dict[str, Any]:
+class _Data(NamedTuple):
+    train_set: SafeImageFolder
+    val_set: SafeImageFolder
+    classes: list[str]
+    transform_config: dict[str, Any]
+
+
+class _Setup(NamedTuple):
+    """The objects of one run (network, optimisation, where and what it checkpoints)."""
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    checkpoint_path: Path
+    checkpoint: dict[str, Any] | None
+    fingerprint: str
+    data_fingerprint: str
+    weights_used: str | None
+    pretrained_file: dict[str, str] | None
+
+
+@dataclass
+class _Progress:
+    """What the epoch loop carries from one epoch to the next (and a checkpoint restores)."""
+    start_epoch: int = 1
+    best: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "valid_accuracy": -1.0,
+                                                          "valid_loss": math.inf, "state": None})
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stale_epochs: int = 0
+    bad_files: BadFiles = field(default_factory=BadFiles)
+    early_stopped: bool = False
+    epochs_completed: int = 0
+
+
+def _load_data(args: argparse.Namespace) -> _Data:
     for name, path in (("train", args.train), ("validation", args.validation)):
         if not Path(path).is_dir():
             raise FileNotFoundError(f"{name} channel {path} is not a directory (set SM_CHANNEL_{name.upper()} "
                                     f"or --{name})")
-    resize_size = round(args.image_size * 256 / 224)
-    transform_config = {"image_size": args.image_size, "resize_size": resize_size,
-                        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-    train_set = SafeImageFolder(args.train, train_transform(args.image_size))
+    transform_config = preprocessing_config(args.arch, args.image_size)
+    train_set = SafeImageFolder(args.train, train_transform(args.image_size, transform_config["mean"],
+                                                            transform_config["std"],
+                                                            transform_config.get("interpolation")))
     classes = list(train_set.classes)
     if len(classes) < 2:
         raise ValueError(f"training channel {args.train} has {len(classes)} class folder(s); need at least 2")
@@ -720,16 +796,19 @@ def _run(args: argparse.Namespace, device: torch.device, output_dir: Path, monit
         raise ValueError(f"validation channel {args.validation} has no images")
     logger.info("data: %d training images, %d validation images, %d classes", len(train_set), len(val_set),
                 len(classes))
+    return _Data(train_set, val_set, classes, transform_config)
 
-    amp = bool(args.amp and device.type == "cuda")
-    if args.amp and not amp:
-        logger.info("--amp requested but training on %s: bf16 autocast is CUDA-only, running in float32", device)
-    fingerprint = _fingerprint(args, classes)
+
+def _setup(args: argparse.Namespace, device: torch.device, classes: list[str]) -> _Setup:
+    """Find the pretrained file, load a checkpoint to resume (if any), build the network, optimizer, scheduler."""
+    weights_file = pretrained_file(args.pretrained_dir)
+    pretrained = {"file": weights_file.name, "sha256": file_sha256(weights_file)} if weights_file else None
+    fingerprint = _fingerprint(args, classes, pretrained)
     data_fingerprint = _data_fingerprint({"train": args.train, "validation": args.validation})
     checkpoint_path = Path(args.checkpoint_dir) / CHECKPOINT_FILE
     checkpoint = _load_checkpoint(checkpoint_path, fingerprint, classes, data_fingerprint, args.epochs)
     if checkpoint is None:
-        model, weights_used = _build_network(args, len(classes))
+        model, weights_used = _build_network(args, len(classes), weights_file, pretrained)
     else:  # every weight comes from the checkpoint: no download needed (a restarted job may be offline)
         model = build_model(args.arch, len(classes), args.hidden_units, args.dropout, None, args.freeze_backbone)
         weights_used = checkpoint.get("weights_used")
@@ -738,127 +817,167 @@ def _run(args: argparse.Namespace, device: torch.device, output_dir: Path, monit
         model.to(memory_format=torch.channels_last)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     optimizer = _make_optimizer(args, model)
-    scheduler = _make_scheduler(args, optimizer)
+    return _Setup(model, criterion, optimizer, _make_scheduler(args, optimizer), checkpoint_path, checkpoint,
+                  fingerprint, data_fingerprint, weights_used, pretrained)
 
-    start_epoch = 1
-    best: dict[str, Any] = {"epoch": 0, "valid_accuracy": -1.0, "valid_loss": math.inf, "state": None}
-    history: list[dict[str, Any]] = []
-    stale_epochs = 0
-    bad_files = BadFiles()
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scheduler is not None and checkpoint.get("scheduler") is not None:
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        best = {"epoch": checkpoint["best_epoch"], "valid_accuracy": checkpoint["best_valid_accuracy"],
-                "valid_loss": checkpoint["best_valid_loss"], "state": checkpoint["best_state"]}
-        history = list(checkpoint["history"])
-        stale_epochs = checkpoint["epochs_without_improvement"]
-        bad_files = BadFiles(checkpoint.get("bad_files"))
-        _set_rng_state(checkpoint["rng"])
-        start_epoch = checkpoint["epoch"] + 1
-        logger.info("resuming from %s: epoch %d done (best epoch %d, valid_accuracy %.4f)", checkpoint_path,
-                    checkpoint["epoch"], best["epoch"], best["valid_accuracy"])
-        if checkpoint.get("early_stopped"):
-            start_epoch = args.epochs + 1
+
+def _resume(args: argparse.Namespace, setup: _Setup) -> _Progress:
+    """The progress to start from: the checkpoint's (model, optimizer, scheduler and RNG states restored), or fresh."""
+    checkpoint = setup.checkpoint
+    if checkpoint is None:
+        logger.info("no checkpoint at %s; starting at epoch 1", setup.checkpoint_path)
+        return _Progress()
+    setup.model.load_state_dict(checkpoint["model"])
+    setup.optimizer.load_state_dict(checkpoint["optimizer"])
+    if setup.scheduler is not None and checkpoint.get("scheduler") is not None:
+        setup.scheduler.load_state_dict(checkpoint["scheduler"])
+    progress = _Progress(
+        start_epoch=checkpoint["epoch"] + 1, history=list(checkpoint["history"]),
+        best={"epoch": checkpoint["best_epoch"], "valid_accuracy": checkpoint["best_valid_accuracy"],
+              "valid_loss": checkpoint["best_valid_loss"], "state": checkpoint["best_state"]},
+        stale_epochs=checkpoint["epochs_without_improvement"], bad_files=BadFiles(checkpoint.get("bad_files")),
+        early_stopped=bool(checkpoint.get("early_stopped")))
+    _set_rng_state(checkpoint["rng"])
+    logger.info("resuming from %s: epoch %d done (best epoch %d, valid_accuracy %.4f)", setup.checkpoint_path,
+                checkpoint["epoch"], progress.best["epoch"], progress.best["valid_accuracy"])
+    if progress.early_stopped:
+        progress.start_epoch = args.epochs + 1
+    return progress
+
+
+def _checkpoint_state(args: argparse.Namespace, setup: _Setup, progress: _Progress, epoch: int,
+                      classes: list[str]) -> dict[str, Any]:
+    best = progress.best
+    return {
+        "version": CHECKPOINT_VERSION, "epoch": epoch, "model": setup.model.state_dict(),
+        "optimizer": setup.optimizer.state_dict(),
+        "scheduler": setup.scheduler.state_dict() if setup.scheduler is not None else None,
+        "best_epoch": best["epoch"], "best_valid_accuracy": best["valid_accuracy"],
+        "best_valid_loss": best["valid_loss"], "best_state": best["state"],
+        "epochs_without_improvement": progress.stale_epochs, "early_stopped": progress.early_stopped,
+        "history": progress.history, "rng": _rng_state(), "bad_files": progress.bad_files.as_list(),
+        "classes": classes, "fingerprint": setup.fingerprint, "weights_used": setup.weights_used,
+        "data_fingerprint": setup.data_fingerprint, "epochs": args.epochs,
+        "hyperparameters": {key: getattr(args, key) for key in FINGERPRINT_KEYS},
+    }
+
+
+def _run_epoch(args: argparse.Namespace, setup: _Setup, progress: _Progress, epoch: int, loaders: tuple[Any, Any],
+               ctx: _Context, classes: list[str], output_dir: Path) -> dict[str, Any]:
+    """Train and validate one epoch, update the best state, write ``epochs.jsonl``, the checkpoint and the metric
+    line; returns the epoch's row."""
+    epoch_start = time.perf_counter()
+    lr = setup.optimizer.param_groups[0]["lr"]
+    train_stats = train_one_epoch(setup.model, setup.criterion, setup.optimizer, loaders[0], epoch, ctx)
+    val_stats = evaluate(setup.model, setup.criterion, loaders[1], epoch, ctx)
+    if setup.scheduler is not None:
+        setup.scheduler.step()
+    row = {"epoch": epoch, "train_loss": train_stats["loss"], "train_accuracy": train_stats["accuracy"],
+           "valid_loss": val_stats["loss"], "valid_accuracy": val_stats["accuracy"], "lr": lr,
+           "epoch_time_s": round(time.perf_counter() - epoch_start, 3)}
+    progress.history.append(row)
+    if val_stats["accuracy"] > progress.best["valid_accuracy"]:
+        progress.best = {"epoch": epoch, "valid_accuracy": val_stats["accuracy"], "valid_loss": val_stats["loss"],
+                         "state": {k: v.detach().to("cpu", copy=True) for k, v in setup.model.state_dict().items()}}
+        progress.stale_epochs = 0
     else:
-        logger.info("no checkpoint at %s; starting at epoch 1", checkpoint_path)
+        progress.stale_epochs += 1
+    progress.early_stopped = bool(args.early_stopping_patience
+                                  and progress.stale_epochs >= args.early_stopping_patience)
+    _write_epochs(output_dir / "metrics" / "epochs.jsonl", progress.history)
+    _save_checkpoint(setup.checkpoint_path, _checkpoint_state(args, setup, progress, epoch, classes))
+    sys.stdout.write(format_epoch_metrics(epoch, **{k: row[k] for k in ("train_loss", "train_accuracy",
+                                                                        "valid_loss", "valid_accuracy")}) + "\n")
+    sys.stdout.flush()
+    ctx.timer.flush()
+    progress.epochs_completed += 1
+    return row
 
-    hook = debugger.create_hook(model, criterion)
-    timer = StepTimer(output_dir / "profiler" / "step_timings.jsonl", cuda=device.type == "cuda")
-    ctx = _Context(device, amp, args.channels_last, timer, bad_files, hook)
-    pin = device.type == "cuda"
+
+def _train_epochs(args: argparse.Namespace, setup: _Setup, progress: _Progress, data: _Data, ctx: _Context,
+                  output_dir: Path) -> None:
+    """Epochs ``progress.start_epoch..args.epochs`` (stopping early, or raising when the loss diverges)."""
+    pin = ctx.device.type == "cuda"
     generator = torch.Generator()
-    train_loader = make_loader(train_set, args.batch_size, shuffle=True, workers=args.workers,
-                               generator=generator, pin_memory=pin)
-    val_loader = make_loader(val_set, args.test_batch_size, shuffle=False, workers=args.workers,
-                             generator=None, pin_memory=pin)
-    logger.info("training %s on %s (amp=%s, channels_last=%s, workers=%d) for epochs %d..%d", args.arch, device,
-                amp, args.channels_last, args.workers, start_epoch, args.epochs)
+    loaders = (make_loader(data.train_set, args.batch_size, shuffle=True, workers=args.workers, generator=generator,
+                           pin_memory=pin),
+               make_loader(data.val_set, args.test_batch_size, shuffle=False, workers=args.workers, generator=None,
+                           pin_memory=pin))
+    logger.info("training %s on %s (amp=%s, channels_last=%s, workers=%d) for epochs %d..%d", args.arch, ctx.device,
+                ctx.amp, args.channels_last, args.workers, progress.start_epoch, args.epochs)
+    for epoch in range(progress.start_epoch, args.epochs + 1):
+        generator.manual_seed(args.seed + epoch)  # shuffling and worker seeds are a function of (seed, epoch)
+        row = _run_epoch(args, setup, progress, epoch, loaders, ctx, data.classes, output_dir)
+        if not math.isfinite(row["train_loss"]):
+            raise RuntimeError(f"training diverged at epoch {epoch} (train_loss={row['train_loss']}); "
+                               "try a lower --lr")
+        if progress.early_stopped:
+            logger.info("early stopping after epoch %d: no better valid_accuracy for %d epochs (best epoch %d)",
+                        epoch, progress.stale_epochs, progress.best["epoch"])
+            break
 
-    early_stopped = bool(checkpoint and checkpoint.get("early_stopped"))
-    epochs_completed = 0
-    try:
-        for epoch in range(start_epoch, args.epochs + 1):
-            epoch_start = time.perf_counter()
-            generator.manual_seed(args.seed + epoch)  # shuffling and worker seeds are a function of (seed, epoch)
-            lr = optimizer.param_groups[0]["lr"]
-            train_stats = train_one_epoch(model, criterion, optimizer, train_loader, epoch, ctx)
-            val_stats = evaluate(model, criterion, val_loader, epoch, ctx)
-            if scheduler is not None:
-                scheduler.step()
-            row = {"epoch": epoch, "train_loss": train_stats["loss"], "train_accuracy": train_stats["accuracy"],
-                   "valid_loss": val_stats["loss"], "valid_accuracy": val_stats["accuracy"], "lr": lr,
-                   "epoch_time_s": round(time.perf_counter() - epoch_start, 3)}
-            history.append(row)
-            diverged = not math.isfinite(train_stats["loss"])
-            if val_stats["accuracy"] > best["valid_accuracy"]:
-                best = {"epoch": epoch, "valid_accuracy": val_stats["accuracy"], "valid_loss": val_stats["loss"],
-                        "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
-                stale_epochs = 0
-            else:
-                stale_epochs += 1
-            early_stopped = bool(args.early_stopping_patience and stale_epochs >= args.early_stopping_patience)
-            _write_epochs(output_dir / "metrics" / "epochs.jsonl", history)
-            _save_checkpoint(checkpoint_path, {
-                "version": CHECKPOINT_VERSION, "epoch": epoch, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "best_epoch": best["epoch"], "best_valid_accuracy": best["valid_accuracy"],
-                "best_valid_loss": best["valid_loss"], "best_state": best["state"],
-                "epochs_without_improvement": stale_epochs, "early_stopped": early_stopped, "history": history,
-                "rng": _rng_state(), "bad_files": bad_files.as_list(), "classes": classes,
-                "fingerprint": fingerprint, "weights_used": weights_used,
-                "data_fingerprint": data_fingerprint, "epochs": args.epochs,
-                "hyperparameters": {key: getattr(args, key) for key in FINGERPRINT_KEYS},
-            })
-            sys.stdout.write(format_epoch_metrics(epoch, **{k: row[k] for k in
-                                                            ("train_loss", "train_accuracy", "valid_loss",
-                                                             "valid_accuracy")}) + "\n")
-            sys.stdout.flush()
-            timer.flush()
-            epochs_completed += 1
-            if diverged:
-                raise RuntimeError(f"training diverged at epoch {epoch} (train_loss={train_stats['loss']}); "
-                                   "try a lower --lr")
-            if early_stopped:
-                logger.info("early stopping after epoch %d: no better valid_accuracy for %d epochs (best epoch %d)",
-                            epoch, stale_epochs, best["epoch"])
-                break
-    finally:
-        timer.flush()
-        debugger.close(hook)
 
+def _save_best(args: argparse.Namespace, setup: _Setup, progress: _Progress, data: _Data) -> None:
+    """Write the best epoch's model, its ``model_config.json`` and the serving ``code/`` into ``--model-dir``."""
+    best = progress.best
     if best["state"] is None:
         raise RuntimeError("no epoch finished; nothing to save")
-    model.load_state_dict(best["state"])
+    setup.model.load_state_dict(best["state"])
     hyperparameters = {key: getattr(args, key) for key in HYPERPARAMETER_KEYS}
-    config = {"arch": args.arch, "num_classes": len(classes), "classes": classes,
-              "hidden_units": args.hidden_units, "dropout": args.dropout, **transform_config,
+    config = {"arch": args.arch, "num_classes": len(data.classes), "classes": data.classes,
+              "hidden_units": args.hidden_units, "dropout": args.dropout, **data.transform_config,
               "weights_file": MODEL_FILE, "best_epoch": best["epoch"],
-              "best_valid_accuracy": best["valid_accuracy"], "pretrained_weights": weights_used,
-              "hyperparameters": hyperparameters}
-    save_model(model, config, args.model_dir)
-    # The PyTorch inference containers import the handler only from code/ inside model.tar.gz.
-    write_serving_code(args.model_dir)
+              "best_valid_accuracy": best["valid_accuracy"], "pretrained_weights": setup.weights_used,
+              "pretrained_file": setup.pretrained_file, "hyperparameters": hyperparameters}
+    save_model(setup.model, config, args.model_dir)
+    # The PyTorch inference containers import the handler only from code/ inside model.tar.gz; a timm model's
+    # code/requirements.txt gets them timm.
+    write_serving_code(args.model_dir, requirements=serving_requirements(args.arch))
     logger.info("saved best model (epoch %d, valid_accuracy %.4f) to %s", best["epoch"], best["valid_accuracy"],
                 args.model_dir)
 
-    summary = {"device": str(device),
-               "cuda_device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-               "num_gpus": torch.cuda.device_count() if device.type == "cuda" else 0,
-               "workers": args.workers, "amp": amp, "channels_last": args.channels_last,
-               "start_epoch": start_epoch, "epochs_completed": epochs_completed, "resumed": checkpoint is not None,
-               "early_stopped": early_stopped, "best_epoch": best["epoch"],
-               "best_valid_accuracy": best["valid_accuracy"], "wall_time_s": round(time.time() - started, 3),
-               **timer.summary(), "bad_files_skipped": len(bad_files.files),
-               "bad_files": bad_files.as_list()[:MAX_BAD_FILES_LISTED], "system_monitor": monitor.summary(),
-               "debugger_hook": hook is not None,
-               "cuda_max_memory_allocated_mb": (round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-                                                if device.type == "cuda" else None)}
+
+def _summary(args: argparse.Namespace, device: torch.device, setup: _Setup, progress: _Progress, ctx: _Context,
+             monitor: SystemMonitor, started: float) -> dict[str, Any]:
+    cuda = device.type == "cuda"
+    bad_files = progress.bad_files
+    return {"device": str(device), "cuda_device_name": torch.cuda.get_device_name(device) if cuda else None,
+            "num_gpus": torch.cuda.device_count() if cuda else 0,
+            "workers": args.workers, "amp": ctx.amp, "channels_last": args.channels_last,
+            "start_epoch": progress.start_epoch, "epochs_completed": progress.epochs_completed,
+            "resumed": setup.checkpoint is not None, "early_stopped": progress.early_stopped,
+            "best_epoch": progress.best["epoch"], "best_valid_accuracy": progress.best["valid_accuracy"],
+            "pretrained_weights": setup.weights_used, "pretrained_file": setup.pretrained_file,
+            "wall_time_s": round(time.time() - started, 3),
+            **ctx.timer.summary(), "bad_files_skipped": len(bad_files.files),
+            "bad_files": bad_files.as_list()[:MAX_BAD_FILES_LISTED], "system_monitor": monitor.summary(),
+            "debugger_hook": ctx.hook is not None,
+            "cuda_max_memory_allocated_mb": (round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+                                             if cuda else None)}
+
+
+def _run(args: argparse.Namespace, device: torch.device, output_dir: Path, monitor: SystemMonitor,
+         started: float) -> dict[str, Any]:
+    data = _load_data(args)
+    amp = bool(args.amp and device.type == "cuda")
+    if args.amp and not amp:
+        logger.info("--amp requested but training on %s: bf16 autocast is CUDA-only, running in float32", device)
+    setup = _setup(args, device, data.classes)
+    progress = _resume(args, setup)
+    hook = debugger.create_hook(setup.model, setup.criterion)
+    timer = StepTimer(output_dir / "profiler" / "step_timings.jsonl", cuda=device.type == "cuda")
+    ctx = _Context(device, amp, args.channels_last, timer, progress.bad_files, hook)
+    try:
+        _train_epochs(args, setup, progress, data, ctx, output_dir)
+    finally:
+        timer.flush()
+        debugger.close(hook)
+    _save_best(args, setup, progress, data)
+    summary = _summary(args, device, setup, progress, ctx, monitor, started)
     _atomic_write_text(output_dir / "profiler" / "summary.json", json.dumps(summary, indent=2))
-    if bad_files.files:
-        logger.warning("%d unreadable image(s) were skipped (listed in profiler/summary.json)", len(bad_files.files))
+    if progress.bad_files.files:
+        logger.warning("%d unreadable image(s) were skipped (listed in profiler/summary.json)",
+                       len(progress.bad_files.files))
     return summary
 
 

@@ -11,6 +11,17 @@ State lives under ``$MLOPS_HOME/endpoints/<name>/`` (``server.log``, ``server.js
   archive, as in the PyTorch inference containers; ``SAGEMAKER_SUBMIT_DIRECTORY`` is ignored, as they ignore it.
 - :func:`invoke`, :func:`list_endpoints`, :func:`delete`.
 
+``code/requirements.txt`` in the model archive (a timm model's pins timm) is installed as the PyTorch inference
+container installs it at start (``sagemaker_pytorch_serving_container.torchserve._install_requirements``:
+``sys.executable -m pip install -r code/requirements.txt``, the start fails when pip fails): the server then runs
+in an environment of its own, ``$MLOPS_HOME/endpoints/<name>/env`` (created fresh at every server start by
+:mod:`pipelines.local.jobs.environment`, over the engine's packages, so a missing requirement lands there, not in the
+engine's virtualenv; when the engine's packages already satisfy every line, pip is not run at all), and pip's
+failure fails the deploy with its output.
+A model without ``requirements.txt`` is served by the engine's interpreter. A model swap into a running server
+installs the new model's requirements into that server's environment; a server running on the engine's
+interpreter refuses a model whose requirements the engine lacks (delete the endpoint and deploy again).
+
 The server's URL is the ``endpoint_url`` for ``boto3.client("sagemaker-runtime", endpoint_url=...)``.
 """
 
@@ -26,6 +37,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.error
 import urllib.request
@@ -37,9 +49,11 @@ from typing import Any
 
 import psutil
 
+from pipelines.local.jobs import environment as jobenv
 from pipelines.local.serving import endpoint_server, xgboost_model
 from pipelines.local.storage.store import ArtifactStore, connect, mlops_home
 from training.archives import is_archive, safe_extract
+from training.serving_code import install_requirements, requirements_path, unsatisfied_requirements
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +63,7 @@ KEEP_MODEL_DIRS = 2  # the serving model and the one before it
 LOG_MAX_BYTES = 10 * 1024 * 1024  # server.log is rotated at (re)start above this size
 LOG_KEEP = 3
 STOP_GRACE_S = 5.0  # after the server's drain deadline, before SIGKILL
+ENV_DIR = "env"  # the server's own Python environment, for a model whose code/ has requirements.txt
 _NAME_RE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 
 SCHEMA = (
@@ -284,17 +299,77 @@ def _http(url: str, *, data: bytes | None = None, headers: dict[str, str] | None
             return exc.code, exc.read(), exc.headers.get("Content-Type", "") if exc.headers else ""
 
 
+def _endpoint_environment(directory: Path) -> jobenv.JobEnvironment | None:
+    """The environment the endpoint's current server runs in, when it has one of its own."""
+    root = directory / ENV_DIR
+    if not (root / "pyvenv.cfg").is_file():
+        return None
+    paths = sysconfig.get_paths(scheme="venv", vars={"base": str(root), "platbase": str(root)})
+    bin_dir = Path(paths["scripts"])
+    python = bin_dir / ("python.exe" if os.name == "nt" else "python")
+    return jobenv.JobEnvironment(root=root, python=python, bin_dir=bin_dir, site_packages=Path(paths["purelib"]))
+
+
+def _install(name: str, requirements: Path, environment: jobenv.JobEnvironment, env: dict[str, str]) -> None:
+    try:
+        install_requirements(requirements, environment.python, env=env)
+    except RuntimeError as exc:
+        raise EndpointError(f"endpoint {name!r}: {exc}") from exc
+
+
+def _server_interpreter(name: str, directory: Path, deployment: Deployment,
+                        env: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """The interpreter a new server runs with, and its environment variables: for a model with
+    ``code/requirements.txt`` a fresh per-endpoint environment with the requirements installed (as the PyTorch
+    inference container does at start), else the engine's interpreter."""
+    shutil.rmtree(directory / ENV_DIR, ignore_errors=True)
+    requirements = requirements_path(deployment.model_dir)
+    if requirements is None:
+        return sys.executable, env
+    environment = jobenv.create(directory / ENV_DIR)
+    env = environment.environ(env)
+    # A fresh environment sees exactly the engine's packages: when they satisfy every line, pip would only print
+    # "Requirement already satisfied" (seconds on a small machine), so it is skipped.
+    missing = unsatisfied_requirements(requirements)
+    if missing:
+        started = time.monotonic()
+        _install(name, requirements, environment, env)
+        logger.info("endpoint %s: installed %s (%s) into %s in %.1fs", name, requirements, ", ".join(missing),
+                    environment.root, time.monotonic() - started)
+    else:
+        logger.info("endpoint %s: %s already satisfied by the engine's packages", name, requirements)
+    return str(environment.python), env
+
+
+def _prepare_swap(name: str, directory: Path, deployment: Deployment) -> None:
+    """Before a model swap into the running server: the new model's ``code/requirements.txt`` is installed into the
+    server's own environment, or, for a server on the engine's interpreter, must already be satisfied."""
+    requirements = requirements_path(deployment.model_dir)
+    if requirements is None:
+        return
+    environment = _endpoint_environment(directory)
+    if environment is not None:
+        _install(name, requirements, environment, environment.environ(dict(os.environ)))
+        return
+    missing = unsatisfied_requirements(requirements)
+    if missing:
+        raise EndpointError(f"endpoint {name!r} runs on the engine's interpreter, which lacks {', '.join(missing)} "
+                            f"({requirements}); it keeps serving the previous model. Delete the endpoint and deploy "
+                            "again: a new server installs the requirements into an environment of its own")
+
+
 def _start_server(name: str, directory: Path, deployment: Deployment, port: int, timeout: float,
                   max_body_bytes: int, variant: str) -> tuple[int, float, int, str]:
     state_path = directory / endpoint_server.STATE_FILE
     state_path.unlink(missing_ok=True)
     log_path = directory / "server.log"
     rotate_log(log_path)
-    cmd = [sys.executable, "-m", "pipelines.local.serving.endpoint_server", "--port", str(port),
-           "--model-dir", str(deployment.model_dir), "--state-dir", str(directory), "--name", name,
-           "--variant", variant, "--max-body-bytes", str(max_body_bytes)]
     env = dict(os.environ)
     env.update(deployment.environment)
+    python, env = _server_interpreter(name, directory, deployment, env)
+    cmd = [python, "-m", "pipelines.local.serving.endpoint_server", "--port", str(port),
+           "--model-dir", str(deployment.model_dir), "--state-dir", str(directory), "--name", name,
+           "--variant", variant, "--max-body-bytes", str(max_body_bytes)]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
     with open(log_path, "ab") as log:
@@ -335,6 +410,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _reload(name: str, row: dict[str, Any], deployment: Deployment, timeout: float) -> None:
     directory = Path(row["state_dir"])
+    _prepare_swap(name, directory, deployment)
     try:
         token = (directory / endpoint_server.TOKEN_FILE).read_text().strip()
     except OSError as exc:
