@@ -59,6 +59,8 @@ logger = logging.getLogger("evaluate")
 EVALUATION_FILE = "evaluation.json"
 CONFUSION_MATRIX_PNG = "confusion_matrix.png"
 MODEL_ARCHIVE = "model.tar.gz"
+#: misclassified test images listed in evaluation.json (dataset.misclassified), most confident mistakes first
+MAX_MISCLASSIFIED = 200
 
 
 class EvaluationError(RuntimeError):
@@ -288,10 +290,11 @@ def install_model_requirements(model_dir: Path) -> list[str]:
 
 
 def predict(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
-            samples: list[tuple[Path, int]]) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
-    labels, probs, skipped = [], [], []
+            samples: list[tuple[Path, int]]) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]], list[int]]:
+    """Labels, class probabilities, the skipped files with reasons, and the sample index of each prediction."""
+    labels, probs, skipped, kept = [], [], [], []
     with torch.inference_mode():
-        for x, y, _, bad in loader:
+        for x, y, indices, bad in loader:
             for index, reason in bad:
                 path = samples[index][0]
                 logger.warning("skipping unreadable test image %s: %s", path, reason)
@@ -301,9 +304,25 @@ def predict(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device:
             logits = model(x.to(device, non_blocking=True))
             probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
             labels.append(y.numpy())
+            kept.extend(indices)
     if not labels:
         raise EvaluationError(f"none of the {len(samples)} test files could be read")
-    return np.concatenate(labels), np.concatenate(probs), skipped
+    return np.concatenate(labels), np.concatenate(probs), skipped, kept
+
+
+def misclassified(y_true: np.ndarray, y_prob: np.ndarray, kept: list[int], samples: list[tuple[Path, int]],
+                  test_dir: Path, classes: list[str], limit: int = MAX_MISCLASSIFIED) -> list[dict[str, Any]]:
+    """The wrongly predicted test images, most confident mistakes first (at most ``limit``): ``{"path"`` (relative
+    to the test input), ``"actual"``, ``"predicted"``, ``"confidence"}``."""
+    predicted = y_prob.argmax(axis=1)
+    wrong = [(float(y_prob[row, predicted[row]]), row) for row in range(len(kept)) if predicted[row] != y_true[row]]
+    items = []
+    for confidence, row in sorted(wrong, reverse=True)[:limit]:
+        path = samples[kept[row]][0]
+        items.append({"path": path.relative_to(test_dir).as_posix() if path.is_relative_to(test_dir) else str(path),
+                      "actual": classes[int(y_true[row])], "predicted": classes[int(predicted[row])],
+                      "confidence": round(confidence, 4)})
+    return items
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -345,7 +364,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     loader = torch.utils.data.DataLoader(_TestImages(samples, eval_transform(config)), batch_size=args.batch_size,
                                          shuffle=False, num_workers=args.workers, collate_fn=_collate,
                                          pin_memory=device.type == "cuda")
-    y_true, y_prob, skipped = predict(model, loader, device, samples)
+    y_true, y_prob, skipped, kept = predict(model, loader, device, samples)
     report = compute_metrics(y_true, y_prob, classes, n_bootstrap=args.bootstrap_samples, seed=args.seed)
     report = {
         "version": 0.0,
@@ -360,6 +379,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             "standard_deviation_method": f"bootstrap ({args.bootstrap_samples} resamples, seed {args.seed})",
             "model_arch": config.get("arch"),
             "evaluation_seconds": round(time.time() - started, 3),
+            "misclassified_count": int((y_prob.argmax(axis=1) != y_true).sum()),
+            "misclassified": misclassified(y_true, y_prob, kept, samples, args.test_dir, classes),
         },
         **report,
     }

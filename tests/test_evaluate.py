@@ -159,6 +159,11 @@ def test_script_on_packaged_model(tmp_path, test_dir):
     with Image.open(out / "confusion_matrix.png") as png:
         assert png.format == "PNG" and png.size[0] >= 300
     assert "accuracy=0.2500" in proc.stdout
+    wrong = report["dataset"]["misclassified"]  # every readable non-square image, path relative to the test input
+    assert report["dataset"]["misclassified_count"] == len(wrong) == readable_per_class * (len(CLASS_NAMES) - 1)
+    assert {w["predicted"] for w in wrong} == {"square"} and "square" not in {w["actual"] for w in wrong}
+    assert all((test_dir / w["path"]).is_file() and Path(w["path"]).parts[0] == w["actual"] for w in wrong)
+    assert [w["confidence"] for w in wrong] == sorted((w["confidence"] for w in wrong), reverse=True)
 
 
 @pytest.mark.fast

@@ -237,7 +237,9 @@ def test_evaluation_page_shows_metrics_confusion_matrix_and_per_class(env, page)
     classes = list(metrics["confusion_matrix"])
     assert page.locator("svg.heatmap rect.cell").count() == len(classes) ** 2
     assert page.locator("#per-class tbody tr").count() == len(classes)
-    assert "does not record its misclassified test images" in page.inner_text("#misclassified")
+    wrong = report["dataset"]["misclassified"]
+    assert f"{len(wrong)} misclassified test image(s)" in page.inner_text("#misclassified")
+    assert page.locator("#misclassified img").count() == min(60, len(wrong))
     studio.screenshot(page, "evaluation")
 
 
