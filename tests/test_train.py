@@ -108,7 +108,8 @@ def test_metric_lines_model_and_learning(full_run: tuple[Path, subprocess.Comple
     assert config["best_valid_accuracy"] == pytest.approx(best, abs=5e-5)
     assert rows[config["best_epoch"] - 1]["valid_accuracy"] == best
     hyper = config["hyperparameters"]
-    assert (hyper["lr"], hyper["batch_size"], hyper["amp"], hyper["channels_last"]) == (0.002, 8, True, False)
+    # what ran: --amp true was asked, but bf16 autocast is CUDA-only
+    assert (hyper["lr"], hyper["batch_size"], hyper["amp"], hyper["channels_last"]) == (0.002, 8, False, False)
     assert {"arch", "hidden_units", "dropout", "image_size", "resize_size", "mean", "std",
             "weights_file"} <= set(config)
     # the saved weights are the best epoch's: they reproduce its validation accuracy
@@ -440,3 +441,58 @@ def test_data_fingerprint_is_paths_and_sizes(tmp_path: Path) -> None:
     assert fingerprint(tmp_path / "two") == first
     (tmp_path / "two" / "validation" / "cat" / "b.jpg").rename(tmp_path / "two" / "train" / "cat" / "b.jpg")
     assert fingerprint(tmp_path / "two") != first  # a file moved from validation to train
+
+
+@pytest.mark.fast
+def test_gpu_data_path_options_resolve_off_on_the_cpu_and_on_on_cuda() -> None:
+    import torch
+
+    args = train.parse_args(["--workers", "2"])
+    assert (args.amp, args.channels_last, args.device_normalize, args.persistent_workers) == (None,) * 4
+    train.resolve_device_options(args, torch.device("cpu"))
+    assert (args.amp, args.channels_last, args.device_normalize, args.persistent_workers, args.prefetch_factor) == (
+        False, False, False, False, 2)
+    args = train.parse_args(["--workers", "2", "--amp", "auto", "--channels-last", "false"])
+    train.resolve_device_options(args, torch.device("cuda", 0))  # only resolved, nothing runs on it
+    assert (args.amp, args.channels_last, args.device_normalize, args.persistent_workers, args.prefetch_factor) == (
+        True, False, True, True, 4)
+    args = train.parse_args(["--amp", "true"])
+    train.resolve_device_options(args, torch.device("cpu"))
+    assert args.amp is False  # bf16 autocast is CUDA-only
+
+
+@pytest.mark.fast
+def test_normalising_on_the_device_equals_normalising_in_the_workers() -> None:
+    import random
+
+    import torch
+
+    from pipelines.sample_data import draw_sample
+    from training.model import eval_transform, normalize_on_device
+
+    config = {"image_size": 40, "resize_size": 48, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+    image = draw_sample("circle", 64, random.Random(0))
+    on_workers = eval_transform(config)(image)
+    raw = eval_transform(config, normalize=False)(image)
+    assert raw.dtype == torch.uint8 and raw.shape == on_workers.shape
+    mean, std = (torch.tensor(config[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
+    assert torch.allclose(normalize_on_device(raw.unsqueeze(0), mean, std)[0], on_workers, atol=1e-6)
+
+
+@pytest.mark.fast
+def test_device_normalize_on_the_cpu_trains_to_the_same_result(tmp_path: Path) -> None:
+    """The uint8 path (forced on the CPU) gives the run the default CPU path gives: same metrics, same weights to
+    float rounding (SGD: Adam's first steps are +-lr whatever the gradient, so rounding would become lr-sized)."""
+    import torch
+
+    data = _tiny_data(tmp_path / "data", per_class=4, seed=5)
+    runs = {}
+    for name, value in (("workers", "false"), ("device", "true")):
+        summary = _train_in_process(data, tmp_path / f"ck-{name}", tmp_path / name, device_normalize=value,
+                                   optimizer="sgd")
+        assert summary["device_normalize"] is (value == "true")
+        runs[name] = (summary["best_valid_accuracy"],
+                      torch.load(tmp_path / name / "model" / "model.pth", weights_only=True))
+    assert runs["workers"][0] == runs["device"][0]
+    for key, tensor in runs["workers"][1].items():
+        assert torch.allclose(tensor.float(), runs["device"][1][key].float(), atol=1e-5), key

@@ -362,34 +362,45 @@ def _interpolation(name: Any) -> Any:
     return InterpolationMode(name if name in _INTERPOLATIONS else "bilinear")
 
 
-def eval_transform(config: dict[str, Any]):
+def _normalize(mean: Any, std: Any) -> list[Any]:
+    from torchvision.transforms import v2
+
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+def eval_transform(config: dict[str, Any], normalize: bool = True):
     """Deterministic preprocessing: resize shorter side, center crop, to float tensor, normalize (interpolation per
-    the config's ``interpolation``, bilinear when absent)."""
+    the config's ``interpolation``, bilinear when absent). ``normalize=False`` stops at the uint8 ``CHW`` tensor
+    (the trainer's GPU data path: :func:`normalize_on_device` then runs on the device)."""
     from torchvision.transforms import v2
 
     size = int(config.get("image_size", 224))
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize(int(config.get("resize_size", round(size * 256 / 224))),
-                  interpolation=_interpolation(config.get("interpolation")), antialias=True),
-        v2.CenterCrop(size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(config.get("mean", IMAGENET_MEAN)), list(config.get("std", IMAGENET_STD))),
-    ])
+    steps = [v2.ToImage(), v2.Resize(int(config.get("resize_size", round(size * 256 / 224))),
+                                     interpolation=_interpolation(config.get("interpolation")), antialias=True),
+             v2.CenterCrop(size)]
+    if normalize:
+        steps += _normalize(config.get("mean", IMAGENET_MEAN), config.get("std", IMAGENET_STD))
+    return v2.Compose(steps)
 
 
-def train_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation: str | None = None):
-    """Training augmentation: random resized crop + horizontal flip, then normalize."""
+def train_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation: str | None = None,
+                    normalize: bool = True):
+    """Training augmentation: random resized crop + horizontal flip, then normalize (``normalize=False``: uint8
+    out, as :func:`eval_transform`)."""
     from torchvision.transforms import v2
 
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=_interpolation(interpolation),
-                             antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
-    ])
+    steps = [v2.ToImage(), v2.RandomResizedCrop(image_size, scale=(0.5, 1.0),
+                                                interpolation=_interpolation(interpolation), antialias=True),
+             v2.RandomHorizontalFlip()]
+    if normalize:
+        steps += _normalize(mean, std)
+    return v2.Compose(steps)
+
+
+def normalize_on_device(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """A uint8 ``NCHW`` batch (already on its device) -> float32 in [0, 1], normalized by ``mean``/``std`` (``1x3x1x1``
+    tensors on that device): what ``ToDtype(scale=True)`` + ``Normalize`` do per sample, once per batch."""
+    return images.float().mul_(1.0 / 255).sub_(mean).div_(std)  # torchvision's own ops, in its order
 
 
 def serving_requirements(arch: str) -> list[str]:

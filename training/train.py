@@ -105,6 +105,7 @@ from training.model import (
     eval_transform,
     file_sha256,
     is_supported_arch,
+    normalize_on_device,
     preprocessing_config,
     pretrained_file,
     resolve_weights,
@@ -210,6 +211,18 @@ def _bool(parser: argparse.ArgumentParser, name: str, default: bool, help: str) 
     _add(parser, name, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
 
 
+def _auto_bool(value: str | bool | None) -> bool | None:
+    """``auto`` (None: decided by the device, see :func:`resolve_device_options`) or a boolean."""
+    if value is None or (isinstance(value, str) and _unquote(value).strip().lower() == "auto"):
+        return None
+    return str2bool(value)
+
+
+def _auto(parser: argparse.ArgumentParser, name: str, help: str) -> None:
+    _add(parser, name, type=_auto_bool, nargs="?", const=True, default=None, metavar="auto|BOOL",
+         help=f"{help} (default auto: on when training on CUDA)")
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The trainer's CLI; path defaults are read from the ``SM_*`` environment at call time."""
     env = os.environ.get
@@ -261,8 +274,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     _add(parser, "image_size", type=_int, default=224)
     _add(parser, "workers", type=_int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
     _add(parser, "seed", type=_int, default=42)
-    _bool(parser, "amp", False, "bf16 autocast on CUDA (no-op on CPU)")
-    _bool(parser, "channels_last", False, "channels-last memory format for model and inputs")
+    _auto(parser, "amp", "bf16 autocast (CUDA only; float32 on the CPU whatever is asked)")
+    _auto(parser, "channels_last", "channels-last memory format for model and inputs")
+    _auto(parser, "device_normalize", "uint8 batches to the device, float conversion and normalisation there "
+          "(4x fewer bytes over PCIe than float32; CPU workers stop at the uint8 crop)")
+    _auto(parser, "persistent_workers", "keep DataLoader workers across epochs (no re-fork per epoch; a resumed run "
+          "then sees other augmentations than an uninterrupted one)")
+    _add(parser, "prefetch_factor", type=_int, default=0,
+         help="batches each worker loads ahead (0: auto, 4 on CUDA, else PyTorch's 2)")
+    _bool(parser, "compile", False, "torch.compile the network for training and validation")
     _add(parser, "system_monitor_interval_ms", type=_int, default=500)
     return parser
 
@@ -376,13 +396,14 @@ class BadFiles:
 
 
 def make_loader(dataset: SafeImageFolder, batch_size: int, *, shuffle: bool, workers: int,
-                generator: torch.Generator | None, pin_memory: bool) -> DataLoader:
+                generator: torch.Generator | None, pin_memory: bool, persistent_workers: bool = False,
+                prefetch_factor: int = 2) -> DataLoader:
+    """Without ``persistent_workers`` (the CPU default) workers are fresh each epoch: their seeds then depend only
+    on (seed, epoch), so a resumed run sees the same augmentations as an uninterrupted one."""
+    extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if workers else {}
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                       collate_fn=collate_skip_bad, pin_memory=pin_memory, generator=generator,
-                      worker_init_fn=seed_worker if workers else None,
-                      # fresh workers each epoch: their seeds then depend only on (seed, epoch), so a resumed
-                      # run sees the same augmentations as an uninterrupted one
-                      persistent_workers=False)
+                      worker_init_fn=seed_worker if workers else None, **extra)
 
 
 # --------------------------------------------------------------------------- profiling helpers
@@ -457,10 +478,14 @@ class _Context(NamedTuple):
     timer: StepTimer
     bad_files: BadFiles
     hook: Any
+    normalize: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, std) on the device: uint8 batches come in
+    forward: nn.Module | None = None  # the network as called (torch.compile'd with --compile), else the model
 
 
 def _to_device(images: torch.Tensor, targets: torch.Tensor, ctx: _Context) -> tuple[torch.Tensor, torch.Tensor]:
     images = images.to(ctx.device, non_blocking=True)
+    if ctx.normalize is not None:
+        images = normalize_on_device(images, *ctx.normalize)
     if ctx.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, targets.to(ctx.device, non_blocking=True)
@@ -513,9 +538,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     model.train()
     debugger.set_mode(ctx.hook, "train")
     tally = _Tally(ctx.device)
+    network = ctx.forward or model
     for images, targets in _timed_batches(loader, epoch, "train", ctx):
         with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
-            outputs = model(images)
+            outputs = network(images)
             loss = criterion(outputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -529,13 +555,31 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader: DataLoader, epoch: 
     model.eval()
     debugger.set_mode(ctx.hook, "eval")
     tally = _Tally(ctx.device)
+    network = ctx.forward or model
     with torch.no_grad():
         for images, targets in _timed_batches(loader, epoch, "eval", ctx):
             with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
-                outputs = model(images)
+                outputs = network(images)
                 loss = criterion(outputs, targets)
             tally.add(loss, outputs, targets)
     return tally.result("validation")
+
+
+def resolve_device_options(args: argparse.Namespace, device: torch.device) -> None:
+    """Turn the ``auto`` options (amp, channels_last, device_normalize, persistent_workers, prefetch_factor) into
+    values for ``device``: on CUDA the GPU data path is on, on the CPU everything stays as before (float32,
+    contiguous, normalisation in the workers, fresh workers per epoch)."""
+    cuda = device.type == "cuda"
+    for name in ("amp", "channels_last", "device_normalize"):
+        if getattr(args, name) is None:
+            setattr(args, name, cuda)
+    if args.persistent_workers is None:
+        args.persistent_workers = cuda and args.workers > 0
+    if not args.prefetch_factor:
+        args.prefetch_factor = 4 if cuda else 2
+    if args.amp and not cuda:
+        logger.info("--amp requested but training on %s: bf16 autocast is CUDA-only, running in float32", device)
+        args.amp = False
 
 
 def select_device(args: argparse.Namespace) -> torch.device:
@@ -731,6 +775,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         logger.warning("ignoring unknown arguments: %s", " ".join(args.ignored_args))
     _validate_args(args)
     device = select_device(args)
+    resolve_device_options(args, device)
     configure_determinism(args.seed, device)
     output_dir = Path(args.output_data_dir)
     (output_dir / "metrics").mkdir(parents=True, exist_ok=True)
@@ -784,13 +829,14 @@ def _load_data(args: argparse.Namespace) -> _Data:
             raise FileNotFoundError(f"{name} channel {path} is not a directory (set SM_CHANNEL_{name.upper()} "
                                     f"or --{name})")
     transform_config = preprocessing_config(args.arch, args.image_size)
+    on_workers = not args.device_normalize  # else the workers stop at uint8 (normalize_on_device)
     train_set = SafeImageFolder(args.train, train_transform(args.image_size, transform_config["mean"],
                                                             transform_config["std"],
-                                                            transform_config.get("interpolation")))
+                                                            transform_config.get("interpolation"), on_workers))
     classes = list(train_set.classes)
     if len(classes) < 2:
         raise ValueError(f"training channel {args.train} has {len(classes)} class folder(s); need at least 2")
-    val_set = SafeImageFolder(args.validation, eval_transform(transform_config),
+    val_set = SafeImageFolder(args.validation, eval_transform(transform_config, on_workers),
                               class_to_idx=train_set.class_to_idx, allow_empty=True)
     if len(val_set) == 0:
         raise ValueError(f"validation channel {args.validation} has no images")
@@ -899,12 +945,14 @@ def _train_epochs(args: argparse.Namespace, setup: _Setup, progress: _Progress, 
     """Epochs ``progress.start_epoch..args.epochs`` (stopping early, or raising when the loss diverges)."""
     pin = ctx.device.type == "cuda"
     generator = torch.Generator()
-    loaders = (make_loader(data.train_set, args.batch_size, shuffle=True, workers=args.workers, generator=generator,
-                           pin_memory=pin),
-               make_loader(data.val_set, args.test_batch_size, shuffle=False, workers=args.workers, generator=None,
-                           pin_memory=pin))
-    logger.info("training %s on %s (amp=%s, channels_last=%s, workers=%d) for epochs %d..%d", args.arch, ctx.device,
-                ctx.amp, args.channels_last, args.workers, progress.start_epoch, args.epochs)
+    options = {"workers": args.workers, "pin_memory": pin, "persistent_workers": args.persistent_workers,
+               "prefetch_factor": args.prefetch_factor}
+    loaders = (make_loader(data.train_set, args.batch_size, shuffle=True, generator=generator, **options),
+               make_loader(data.val_set, args.test_batch_size, shuffle=False, generator=None, **options))
+    logger.info("training %s on %s (amp=%s, channels_last=%s, device_normalize=%s, compile=%s, workers=%d, "
+                "persistent_workers=%s, prefetch_factor=%d) for epochs %d..%d", args.arch, ctx.device, ctx.amp,
+                args.channels_last, args.device_normalize, args.compile, args.workers, args.persistent_workers,
+                args.prefetch_factor, progress.start_epoch, args.epochs)
     for epoch in range(progress.start_epoch, args.epochs + 1):
         generator.manual_seed(args.seed + epoch)  # shuffling and worker seeds are a function of (seed, epoch)
         row = _run_epoch(args, setup, progress, epoch, loaders, ctx, data.classes, output_dir)
@@ -944,6 +992,8 @@ def _summary(args: argparse.Namespace, device: torch.device, setup: _Setup, prog
     return {"device": str(device), "cuda_device_name": torch.cuda.get_device_name(device) if cuda else None,
             "num_gpus": torch.cuda.device_count() if cuda else 0,
             "workers": args.workers, "amp": ctx.amp, "channels_last": args.channels_last,
+            "device_normalize": args.device_normalize, "compile": args.compile,
+            "persistent_workers": args.persistent_workers, "prefetch_factor": args.prefetch_factor,
             "start_epoch": progress.start_epoch, "epochs_completed": progress.epochs_completed,
             "resumed": setup.checkpoint is not None, "early_stopped": progress.early_stopped,
             "best_epoch": progress.best["epoch"], "best_valid_accuracy": progress.best["valid_accuracy"],
@@ -959,14 +1009,16 @@ def _summary(args: argparse.Namespace, device: torch.device, setup: _Setup, prog
 def _run(args: argparse.Namespace, device: torch.device, output_dir: Path, monitor: SystemMonitor,
          started: float) -> dict[str, Any]:
     data = _load_data(args)
-    amp = bool(args.amp and device.type == "cuda")
-    if args.amp and not amp:
-        logger.info("--amp requested but training on %s: bf16 autocast is CUDA-only, running in float32", device)
     setup = _setup(args, device, data.classes)
     progress = _resume(args, setup)
     hook = debugger.create_hook(setup.model, setup.criterion)
     timer = StepTimer(output_dir / "profiler" / "step_timings.jsonl", cuda=device.type == "cuda")
-    ctx = _Context(device, amp, args.channels_last, timer, progress.bad_files, hook)
+    normalize = None
+    if args.device_normalize:
+        normalize = tuple(torch.tensor(data.transform_config[k], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+                          for k in ("mean", "std"))
+    forward = torch.compile(setup.model) if args.compile else setup.model
+    ctx = _Context(device, args.amp, args.channels_last, timer, progress.bad_files, hook, normalize, forward)
     try:
         _train_epochs(args, setup, progress, data, ctx, output_dir)
     finally:
