@@ -50,12 +50,13 @@ class UserError(Exception):
 
 # --- parameters --------------------------------------------------------------------------------------------------
 
-def parameter_types() -> dict[str, tuple[str, Any]]:
-    """``{name: (type, default)}`` of the pipeline's Parameters (built offline, no code bundles needed)."""
+def parameter_types(bucket: str = "bucket") -> dict[str, tuple[str, Any]]:
+    """``{name: (type, default)}`` of the pipeline's Parameters (built offline, no code bundles needed); defaults
+    that name S3 objects name them in ``bucket``."""
     from pipelines.pipeline import pipeline_parameters
 
     return {name: (param.parameter_type.python_type.__name__, param.default_value)
-            for name, param in pipeline_parameters("bucket").items()}
+            for name, param in pipeline_parameters(bucket).items()}
 
 
 _TYPE_NAMES = {"str": "String", "int": "Integer", "float": "Float", "bool": "Boolean"}
@@ -133,10 +134,12 @@ def check_start_parameters(parameters: list[dict[str, str]],
 
 def apply_local_profile(parameters: list[dict[str, str]]) -> Any:
     """The local profile's values for the Parameters the user did not set
-    (:mod:`pipelines.local.cli.profile`): a ``Resolved`` whose ``overrides()`` the start sends."""
+    (:mod:`pipelines.local.cli.profile`): a ``Resolved`` whose ``overrides()`` the start sends. Definition defaults
+    are those of the local bucket, as the execution will see them."""
     from pipelines.local.cli import profile
+    from pipelines.local.storage.store import LOCAL_BUCKET
 
-    defaults = {name: default for name, (_kind, default) in parameter_types().items()}
+    defaults = {name: default for name, (_kind, default) in parameter_types(LOCAL_BUCKET).items()}
     return profile.resolve(defaults, {p["Name"]: p["Value"] for p in parameters})
 
 

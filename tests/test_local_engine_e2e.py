@@ -205,3 +205,35 @@ def test_describe_shows_steps_rule_results_and_trials(runs, capsys):
     assert "Tuning trials" in out
     for trial in runs["records"].trials(runs["first"]["execution_id"]):
         assert trial["job_name"] in out
+
+
+def test_every_read_command_prints_json_with_stable_keys(runs, capsys):
+    """``--output json`` of every list/describe/status command parses, with the documented keys
+    (docs/CONTRACTS.md §10)."""
+    from pipelines import run
+
+    first = runs["first"]["execution_id"]
+    commands = {
+        "list-executions": (["list-executions"], {"PipelineExecutionArn", "PipelineExecutionStatus"}),
+        "status": (["status", first], {"PipelineExecutionArn", "PipelineExecutionStatus", "FailureReason", "Steps",
+                                       "Progress"}),
+        "describe": (["describe", first], None),
+        "models list": (["models", "list"], {"ModelPackageGroupName", "ModelPackageVersion", "ModelPackageArn",
+                                             "ModelApprovalStatus", "Accuracy", "CreationTime"}),
+        "models describe": (["models", "describe", "1"], {"ModelPackageArn", "ModelApprovalStatus"}),
+        "endpoints list": (["endpoints", "list"], {"EndpointName", "EndpointStatus", "Url", "ModelPackageArn"}),
+        "local status": (["local", "status"], None),
+        "report": (["report", first], None),
+    }
+    for name, (argv, keys) in commands.items():
+        capsys.readouterr()
+        assert run.main([*argv, "--output", "json"]) == 0, name
+        value = json.loads(capsys.readouterr().out)
+        item = value[0] if isinstance(value, list) else value
+        assert value, name
+        if keys:
+            assert keys <= set(item), (name, sorted(item))
+    capsys.readouterr()
+    assert run.main(["endpoints", "list", "--output", "json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [e["EndpointName"] for e in listed] == [ENDPOINT] and listed[0]["Url"].startswith("http://127.0.0.1:")
