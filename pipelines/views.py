@@ -277,8 +277,13 @@ def tuning_progress(sm_client: Any, tuning_job: str, now: datetime) -> str:
               for s in summaries if s.get("TrainingJobStatus") == "InProgress"][:3]
     text = f"trials {done}/{total or '?'} done, {running} running" + (f" ({'; '.join(epochs)})" if epochs else "")
     if durations and total:
-        waves = -(-(total - done) // parallel)  # ceil
-        text += f" · ETA {_seconds(waves * sum(durations) / len(durations))}"
+        mean = sum(durations) / len(durations)
+        elapsed = [(now - s["TrainingStartTime"]).total_seconds() for s in summaries
+                   if s.get("TrainingJobStatus") == "InProgress" and isinstance(s.get("TrainingStartTime"), datetime)]
+        queued = max(0, total - done - running)
+        # the running wave's rest (from its oldest trial), then the queued trials' waves
+        rest = max(0.0, mean - max(elapsed)) if elapsed else 0.0
+        text += f" · ETA {_seconds(rest + -(-queued // parallel) * mean)}"
     return text
 
 
