@@ -152,6 +152,12 @@ def test_model_registered_with_metrics_and_deployed_endpoint_answers(runs):
     assert package.accuracy == pytest.approx(accuracy)
     assert steps["DeployApprovedModel"]["properties"]["OutputParameters"]["model_package_arn"] == \
         register["ModelPackageArn"]
+    # The deploy step may find the endpoint already Creating (the approval event's deploy of the same version won the
+    # race) and return at once, as on AWS: wait for InService with boto3's waiter, as `make run` does.
+    from pipelines import run
+
+    run.local_clients().sagemaker.get_waiter("endpoint_in_service").wait(
+        EndpointName=ENDPOINT, WaiterConfig={"Delay": 1, "MaxAttempts": 300})
     # the endpoint answers a JPEG of every class; its answers are the model's own predictions
     endpoint = endpoints.get(ENDPOINT)
     assert endpoint.alive and endpoint.url
@@ -212,6 +218,8 @@ def test_every_read_command_prints_json_with_stable_keys(runs, capsys):
     (docs/CONTRACTS.md §10)."""
     from pipelines import run
 
+    run.local_clients().sagemaker.get_waiter("endpoint_in_service").wait(
+        EndpointName=ENDPOINT, WaiterConfig={"Delay": 1, "MaxAttempts": 300})
     first = runs["first"]["execution_id"]
     commands = {
         "list-executions": (["list-executions"], {"PipelineExecutionArn", "PipelineExecutionStatus"}),
