@@ -40,8 +40,11 @@ sandbox:
 	  { if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null) || echo "warning: could not install bubblewrap; its sandbox tests will be skipped"; \
 	    else echo "warning: bwrap missing (apt-get install bubblewrap); its sandbox tests will be skipped"; fi; }
 
+# In parallel, one worker per core; each test file stays on one worker (its module fixtures run once) but for the
+# long independent ones listed in tests/conftest.py (SPREAD_TESTS_OF). Serially: `make pytest PYTEST_ARGS=`.
+PYTEST_ARGS ?= -n auto --dist loadfile
 pytest: $(STAMP) browser java sandbox
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test: lint pytest
 

@@ -14,6 +14,39 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
 
 
+#: Test files whose tests are independent of each other and long. Under ``--dist loadfile`` (``make test``) every
+#: other file stays whole on one worker, in order, so that its module fixtures (some run whole pipelines) run once;
+#: the tests of these are handed out one by one, each worker starting the file's module fixtures once (here the
+#: cheap ``local_aws`` service, and a venv that one test uses). (``--dist loadgroup`` with ``xdist_group`` marks would
+#: say the same, but pytest-xdist 3.8 marks the group by assigning ``item._nodeid``, which pytest 9 no longer reads.)
+SPREAD_TESTS_OF = {"tests/conformance/test_conformance.py"}
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # before xdist's own, which answers for every --dist
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile``, but the tests of :data:`SPREAD_TESTS_OF` are work units of their own."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesButSpread(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return nodeid if path in SPREAD_TESTS_OF else path
+
+    return FilesButSpread(config, log)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_default_mlops_home(tmp_path_factory):
+    """A default MLOPS_HOME of this session's own (per xdist worker: its base temp is the worker's), so that a test
+    or a subprocess that names none writes neither into the checkout's ``.mlops`` nor into another worker's state.
+    Tests and module fixtures that need a fresh one still set their own on top of it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLOPS_HOME", str(tmp_path_factory.mktemp("mlops-default")))
+        yield
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """One intra-op thread in the test process too."""
