@@ -240,7 +240,7 @@ def _models_set_approval(args: argparse.Namespace) -> int:
         _err().print(f"[red]the deploy function did not finish within {args.timeout:.0f} s[/red]; its logs: "
                      f"{_deploy_log_dir()}", highlight=False)
         return 1
-    result = _logged_result(log)
+    result = deploy_result(log)
     if result is None:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         _err().print(f"[red]deploy failed[/red] ({log}):\n{tail}", highlight=False)
@@ -285,7 +285,7 @@ def _finished_invocation(before: set[Path], deadline: float) -> Path | None:
     return None
 
 
-def _logged_result(log: Path) -> dict[str, Any] | None:
+def deploy_result(log: Path) -> dict[str, Any] | None:
     """The deploy function's result (its ``Result: {json}`` log line), ``None`` when it failed."""
     from steps.deploy import RESULT_LOG_PREFIX
 

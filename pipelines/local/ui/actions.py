@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from pipelines.local.cli.models import deploy_result
 from pipelines.local.ui.reader import Reader, tail
 from pipelines.local.ui.web import HttpError, bad_request
 
@@ -73,20 +73,6 @@ def _deploy_logs(since: float) -> list[Path]:
         return []
     logs = [(p.stat().st_mtime, p) for p in folder.glob("*.log")]
     return [p for mtime, p in sorted(logs) if mtime >= since - 0.05]
-
-
-def deploy_result(log: Path) -> dict[str, Any] | None:
-    """The deploy function's ``Result: {json}`` line, ``None`` when it failed."""
-    from steps.deploy import RESULT_LOG_PREFIX
-
-    for line in reversed(log.read_text(errors="replace").splitlines()):
-        _, found, payload = line.partition(RESULT_LOG_PREFIX + " ")
-        if found:
-            try:
-                return json.loads(payload)
-            except ValueError:
-                return None
-    return None
 
 
 def recent_deploys(limit: int = 10) -> list[tuple[Path, dict[str, Any] | None]]:
