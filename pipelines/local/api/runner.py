@@ -23,6 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from pipelines.local.jobs import warm
 from pipelines.local.storage.executions import TERMINAL_EXECUTION, ExecutionStore
 from pipelines.local.storage.store import runs_dir
 
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _claim(records, args.execution_id)
     logger.info("runner %s of execution %s (pid %d)", args.mode, args.execution_id, os.getpid())
+    warm.ZYGOTES.prestart()  # preloads torch while the engine reads the definition and runs the first steps
     try:
         final = run(records, execution, args.mode)
     except BaseException as exc:  # noqa: BLE001 -- every end is recorded, none is left Executing

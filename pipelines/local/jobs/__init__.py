@@ -8,6 +8,8 @@
 - :mod:`.environment` -- the per-job Python environment a job's installs (``requirements.txt``) land in, layered
   over the image's environment or the engine's.
 - :mod:`.sandbox`     -- a private mount namespace per job where the job directory is ``/opt/ml``.
+- :mod:`.zygote`      -- warm starts: job processes fork from an interpreter that has imported torch (stdlib only;
+  also the client copied into each job environment); :mod:`.warm` starts and ends the engine's zygotes.
 - :mod:`.transform`   -- batch transform jobs, through the local endpoint's serving path.
 - :mod:`.xgboost_algorithm` -- the built-in XGBoost algorithm (training and serving) on the open-source package.
 """

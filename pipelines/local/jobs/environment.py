@@ -43,6 +43,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipelines.local.jobs import zygote
+
 if TYPE_CHECKING:
     from pipelines.local.jobs.envs import ImageEnvironment
 
@@ -50,6 +52,11 @@ TOOLKIT_DISTRIBUTION = "sagemaker-training"
 TOOLKIT_SCRIPT = "train"
 PTH_NAME = "_mlops_engine_site.pth"
 PIP_DEFAULTS = {"PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
+#: Warm starts (:mod:`pipelines.local.jobs.zygote`): the client module, copied into every job environment, and the
+#: ``.pth`` line that hands a qualifying process over to the engine's zygote once ``sys.path`` is complete.
+ZYGOTE_SOURCE = Path(zygote.__file__)
+ZYGOTE_HOOK = (f"import os; os.environ.get({zygote.SOCKET_ENV!r}) and "
+               f"__import__({zygote.CLIENT_MODULE!r}).hand_over()\n")
 
 
 @dataclass(frozen=True)
@@ -110,8 +117,9 @@ def create(root: Path, *, base: ImageEnvironment | None = None) -> JobEnvironmen
     python = bin_dir / ("python.exe" if os.name == "nt" else "python")
     site_packages.mkdir(parents=True, exist_ok=True)
     (site_packages / PTH_NAME).write_text(
-        "".join(f"import site; site.addsitedir({d!r})\n" for d in (base.site_dirs if base else engine_site_dirs())),
-        encoding="utf-8")
+        "".join(f"import site; site.addsitedir({d!r})\n" for d in (base.site_dirs if base else engine_site_dirs()))
+        + ZYGOTE_HOOK, encoding="utf-8")
+    shutil.copyfile(ZYGOTE_SOURCE, site_packages / f"{zygote.CLIENT_MODULE}.py")
     _console_script(bin_dir / TOOLKIT_SCRIPT, python, toolkit_entry_point())
     for name in ("pip", "pip3"):  # a container's pip: installs into this environment (scripts such as runproc.sh)
         _console_script(bin_dir / name, python, "pip._internal.cli.main:main")
