@@ -15,22 +15,53 @@ The rule implementations live in :mod:`pipelines.local.debugger.rules`; the repo
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipelines.local.debugger import rules as rule_impl
-from pipelines.local.debugger.profiler_report import (
-    build_profiler_report,
-    load_profile,
-    report_path,
-    write_profiler_report,
-)
+#: The rules (smdebug) and the report (matplotlib) are needed only after the job: ~2 s of imports that
+#: :func:`preload_in_background` does while the job runs, off the step's critical path.
+_RULES = "pipelines.local.debugger.rules"
+_REPORT = "pipelines.local.debugger.profiler_report"
+
+
+def _rules() -> Any:
+    return importlib.import_module(_RULES)
+
+
+def _report() -> Any:
+    return importlib.import_module(_REPORT)
+
+
+def preload_in_background() -> threading.Thread:
+    """Import the rule implementations and the report on a daemon thread (a later import waits for it)."""
+    def load() -> None:
+        for name in (_RULES, _REPORT):
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 -- the import after the job raises it where it is handled
+                log.debug("background import of %s failed", name, exc_info=True)
+
+    thread = threading.Thread(target=load, name="debugger-preload", daemon=True)
+    thread.start()
+    return thread
+
+
+def report_path(job_dir: Path) -> Path:
+    """Where the ProfilerReport's HTML goes (:func:`pipelines.local.debugger.profiler_report.report_path`)."""
+    return _report().report_path(job_dir)
+
+
+def write_profiler_report(*args: Any, **kwargs: Any) -> Path:
+    """:func:`pipelines.local.debugger.profiler_report.write_profiler_report`."""
+    return _report().write_profiler_report(*args, **kwargs)
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +177,7 @@ def _status(name: str, status: str, details: str) -> dict[str, str]:
 def _rule_params(config: Mapping[str, Any]) -> dict[str, str]:
     params = config.get("RuleParameters") or {}
     if not isinstance(params, Mapping):
-        raise rule_impl.RuleParameterError(f"RuleParameters must be an object, got {type(params).__name__}")
+        raise _rules().RuleParameterError(f"RuleParameters must be an object, got {type(params).__name__}")
     return {str(k): str(v) for k, v in params.items()}
 
 
@@ -206,6 +237,7 @@ def _run_tensor_rule(name: str, rule_name: str, params: dict[str, str], trials: 
     from smdebug.exceptions import RuleEvaluationConditionMet
     from smdebug.rules import invoke_rule
 
+    rule_impl = _rules()
     trial = trials.get()
     steps = trial.steps()
     if not steps:
@@ -230,6 +262,7 @@ def _evaluate_one(
     config: Mapping[str, Any], job_dir: Path, trials: _TrialCache, previous: list[dict[str, str]]
 ) -> dict[str, str]:
     name = str(config.get("RuleConfigurationName") or "unnamed-rule")
+    rule_impl, report = _rules(), _report()
     try:
         params = _rule_params(config)
         rule_name = params.pop("rule_to_invoke", "") or ""
@@ -243,11 +276,11 @@ def _evaluate_one(
         if rule_name in rule_impl.TENSOR_RULES:
             return _run_tensor_rule(name, rule_name, params, trials)
         if rule_name == "LowGPUUtilization":
-            finding = rule_impl.low_gpu_utilization(load_profile(job_dir).system_metrics, params)
+            finding = rule_impl.low_gpu_utilization(report.load_profile(job_dir).system_metrics, params)
             detail = finding.detail + (f" Advice: {finding.advice}" if finding.triggered and finding.advice else "")
             return _status(name, ISSUES if finding.triggered else NO_ISSUES, f"LowGPUUtilization: {detail}")
         if rule_name == "ProfilerReport":
-            path, findings = build_profiler_report(job_dir, previous, profiler_params=params)
+            path, findings = report.build_profiler_report(job_dir, previous, profiler_params=params)
             issues = [f for f in findings if f.triggered]
             summary = "; ".join(f"{f.rule}: {f.advice or f.detail}" for f in issues)
             detail = f"Report: {path}. " + (f"{len(issues)} issue(s): {summary}" if issues else "No profiling issues.")

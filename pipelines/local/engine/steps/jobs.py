@@ -45,7 +45,10 @@ class Training(StepKind):
         debugger = _debugger_module() if debugging else None
 
         def prepare(path: Path) -> Mapping[str, str] | None:
-            return debugger.write_hook_config(arguments, path) if debugger else None
+            if debugger is None:
+                return None
+            debugger.preload_in_background()  # the rules' imports, while the job starts and trains
+            return debugger.write_hook_config(arguments, path)
 
         result = jobs.run_training_job(arguments, run.job_name(), run.job_dir, run.artifacts, run.log_path,
                                        on_line=run.on_line(), control=run.control, prepare=prepare)
