@@ -13,22 +13,32 @@ timed from spawn to exit; variants alternate within each round (order rotated pe
 - ``endpoint_ping``: ``python -m pipelines.local.serving.endpoint_server`` on a resnet18 model directory (random
   weights, the serving code as training writes it) from spawn to the first ``GET /ping`` 200.
 
+``trainer_script_cold`` / ``trainer_script_warm``: a script that imports ``training.train``, run by the
+interpreter of a job environment (:mod:`pipelines.local.jobs.environment`, as every job's ``python``) without and
+with a zygote of :mod:`pipelines.local.jobs.zygote` listening (warm starts: the process forks from an interpreter
+that has imported torch); the zygote is started before the rounds and not timed.
+
+``packing``: ``model.tar.gz`` of that model directory (resnet18, 45 MB) as the engine packs it (ISA-L,
+``runtime._tar_dir``) against the standard library's ``tarfile`` ``w:gz`` (zlib level 9), median of 3 each.
+
 ``importtime_trainer_top15``: the 15 largest cumulative import times of ``python -X importtime -c "import
 training.train"`` (one run after the rounds, microseconds as Python reports them, converted to ms).
 
 ``pipeline`` (unless ``--no-pipeline``): ``python -m pipelines.demo`` exactly as ``make run`` runs it, in a fresh
-``MLOPS_HOME``: total wall time, then from the execution store each step's and each tuning trial's start/end, and
-for every training job (tuning trials, the training step) whose job directory still holds it the trainer's own
-in-process wall time (``profiler/summary.json``: from ``main()`` to the end of training), so that its
-``overhead_s`` (the job's time minus the trainer's work: interpreter and toolkit start-up, imports, packing, exit)
-is measured, not estimated (``training_jobs_measured`` sums them). ``estimated_job_startup_s`` adds the measured
-start-up medians over the pipeline's job processes (training jobs x (toolkit + trainer), evaluate, endpoint).
+``MLOPS_HOME``, once with warm starts (the default) and once with ``MLOPS_WARM_START=0`` (``pipeline_cold``, the
+baseline; ``warm_vs_cold`` is the ratio of the executions' times): total wall time, then from the execution store
+each step's and each tuning trial's start/end, and for every training job (tuning trials, the training step) whose
+job directory still holds it the trainer's own in-process wall time (``profiler/summary.json``: from ``main()`` to
+the end of training), so that its ``overhead_s`` (the job's time minus the trainer's work: interpreter and toolkit
+start-up, imports, packing, exit) is measured, not estimated (``training_jobs_measured`` sums them).
+``estimated_job_startup_s`` adds the measured start-up medians over the pipeline's job processes (training jobs x
+(toolkit + trainer), evaluate, endpoint).
 
     .venv/bin/python benchmarks/bench_startup.py --out benchmarks/results/startup.json
     .venv/bin/python benchmarks/bench_startup.py --repeats 3 --no-pipeline     # start-up only
 
-With the defaults (5 rounds, one pipeline run) this takes about 6 minutes on a busy 2-core machine: about 3.5 min
-of start-up rounds (6 rounds, the first a warm-up) and 2.5 min of pipeline.
+With the defaults (5 rounds, two pipeline runs) this takes about 8 minutes on a busy 2-core machine: about 3.5 min
+of start-up rounds (6 rounds, the first a warm-up) and 2 x 2 min of pipeline.
 """
 
 from __future__ import annotations
@@ -154,10 +164,34 @@ def time_endpoint(model_dir: Path, work: Path, timeout: float = 120.0) -> float:
 # ------------------------------------------------------------------------------------------------ rounds
 
 
+def _script_variants(work: Path) -> tuple[dict[str, Any], Any]:
+    """``trainer_script_cold``/``_warm`` (module docstring) and the zygotes to stop afterwards."""
+    from pipelines.local.jobs import environment, warm
+
+    jenv = environment.create(work / "bench.jobenv")
+    script = work / "import_trainer.py"
+    script.write_text("import training.train\n")
+    env = jenv.environ(job_env())
+    zygotes = warm.Zygotes()
+    warm_env = {**env, warm.SOCKET_ENV: zygotes.ready(env)}
+
+    def timed(environ: dict[str, str]) -> float:
+        started = time.perf_counter()
+        proc = subprocess.run([str(jenv.python), str(script)], cwd=ROOT, env=environ, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{script} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        return time.perf_counter() - started
+
+    return {"trainer_script_cold": lambda: timed(env), "trainer_script_warm": lambda: timed(warm_env)}, zygotes
+
+
 def measure_rounds(repeats: int, work: Path) -> dict[str, list[float]]:
     """Every variant once per round, order rotated per round; one unrecorded warm-up round first (page cache)."""
     model_dir = make_model_dir(work / "model")
     variants: dict[str, Any] = {name: (lambda code=code: time_import(code)) for name, code in IMPORTS.items()}
+    scripts, zygotes = _script_variants(work)
+    variants.update(scripts)
     variants["endpoint_ping"] = lambda: time_endpoint(model_dir, work)
     names = list(variants)
     samples: dict[str, list[float]] = {name: [] for name in names}
@@ -170,7 +204,33 @@ def measure_rounds(repeats: int, work: Path) -> dict[str, list[float]]:
         if round_no:
             print(f"round {round_no}/{repeats}: " + " ".join(f"{n}={samples[n][-1]:.2f}" for n in names),
                   flush=True)
+    zygotes.stop()
     return samples
+
+
+def measure_packing(model_dir: Path, work: Path, repeats: int = 3) -> dict[str, Any]:
+    """``model.tar.gz`` the engine's way (ISA-L) against ``tarfile`` ``w:gz`` (zlib 9): seconds and bytes."""
+    import tarfile
+
+    from pipelines.local.jobs.runtime import _tar_dir
+
+    def stdlib(target: Path) -> None:
+        with tarfile.open(target, "w:gz") as tar:
+            for path in sorted(model_dir.rglob("*")):
+                tar.add(path, arcname=path.relative_to(model_dir).as_posix(), recursive=False)
+
+    out: dict[str, Any] = {}
+    for name, pack in (("zlib_tarfile_w_gz", stdlib), ("isal_engine", lambda t: _tar_dir(model_dir, t))):
+        times = []
+        for i in range(repeats):
+            target = work / f"{name}-{i}.tar.gz"
+            started = time.perf_counter()
+            pack(target)
+            times.append(round(time.perf_counter() - started, 4))
+        out[name] = {"median_s": statistics.median(times), "samples_s": times, "bytes": target.stat().st_size}
+    out["input_bytes"] = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+    out["speedup"] = round(out["zlib_tarfile_w_gz"]["median_s"] / out["isal_engine"]["median_s"], 1)
+    return out
 
 
 def summarise(samples: dict[str, list[float]]) -> tuple[dict[str, Any], dict[str, float]]:
@@ -204,11 +264,11 @@ def import_profile(code: str = "import training.train", top: int = 15) -> dict[s
 # ------------------------------------------------------------------------------------------------ pipeline
 
 
-def run_pipeline(work: Path) -> tuple[float, Path, int]:
+def run_pipeline(work: Path, warm: bool = True) -> tuple[float, Path, int]:
     """``python -m pipelines.demo`` (``make run``) in a fresh MLOPS_HOME; (wall seconds, MLOPS_HOME, exit code)."""
-    home = work / "mlops-home"
-    log_path = work / "pipeline.log"
-    env = job_env(MLOPS_HOME=str(home))
+    home = work / f"mlops-home-{'warm' if warm else 'cold'}"
+    log_path = work / f"pipeline-{'warm' if warm else 'cold'}.log"
+    env = job_env(MLOPS_HOME=str(home), MLOPS_WARM_START="1" if warm else "0")
     started = time.perf_counter()
     with log_path.open("wb") as log:
         code = subprocess.run([sys.executable, "-m", "pipelines.demo"], cwd=ROOT, env=env, stdout=log,
@@ -308,15 +368,16 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         samples = measure_rounds(args.repeats, work)
         report["variants"], report["increments"] = summarise(samples)
+        report["warm_vs_cold_trainer_script"] = round(report["variants"]["trainer_script_warm"]["median_s"]
+                                                      / report["variants"]["trainer_script_cold"]["median_s"], 3)
+        report["packing"] = measure_packing(work / "model", work)
         report["importtime_trainer_top15"] = import_profile()
         if not args.no_pipeline:
-            wall, home, code = run_pipeline(work)
-            report["pipeline"] = {"command": "python -m pipelines.demo", "exit_code": code, "wall_s": round(wall, 3),
-                                  "ratio_vs_bare_python": round(wall / report["variants"][BASELINE]["median_s"])}
-            if code == 0:
-                report["pipeline"].update(pipeline_breakdown(home))
-                report["pipeline"]["estimated_job_startup_s"] = estimated_job_startup(report["variants"],
-                                                                                       report["pipeline"])
+            for key, warm in (("pipeline_cold", False), ("pipeline", True)):
+                report[key] = pipeline_report(work, warm, report["variants"])
+            if report["pipeline"].get("execution_s") and report["pipeline_cold"].get("execution_s"):
+                report["warm_vs_cold"] = round(report["pipeline"]["execution_s"]
+                                               / report["pipeline_cold"]["execution_s"], 3)
     print_report(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -325,6 +386,16 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(tmp_out, out)
     print(f"wrote {out}")
     return 0
+
+
+def pipeline_report(work: Path, warm: bool, variants: dict[str, Any]) -> dict[str, Any]:
+    wall, home, code = run_pipeline(work, warm)
+    out: dict[str, Any] = {"command": f"MLOPS_WARM_START={int(warm)} python -m pipelines.demo", "exit_code": code,
+                           "wall_s": round(wall, 3)}
+    if code == 0:
+        out.update(pipeline_breakdown(home))
+        out["estimated_job_startup_s"] = estimated_job_startup(variants, out)
+    return out
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -336,9 +407,18 @@ def print_report(report: dict[str, Any]) -> None:
     print("top cumulative imports of the trainer:")
     for row in report["importtime_trainer_top15"]["top_cumulative"]:
         print(f"  {row['cumulative_ms']:>9.1f} ms  {row['module']}")
-    pipe = report.get("pipeline")
+    packing = report["packing"]
+    print(f"packing model.tar.gz: zlib {packing['zlib_tarfile_w_gz']['median_s']:.2f} s, ISA-L "
+          f"{packing['isal_engine']['median_s']:.2f} s ({packing['speedup']}x)")
+    for key in ("pipeline_cold", "pipeline"):
+        print_pipeline(key, report.get(key))
+    if "warm_vs_cold" in report:
+        print(f"pipeline execution warm/cold: {report['warm_vs_cold']}")
+
+
+def print_pipeline(key: str, pipe: dict[str, Any] | None) -> None:
     if pipe:
-        print(f"pipeline: exit {pipe['exit_code']}, {pipe['wall_s']:.1f} s wall")
+        print(f"{key}: exit {pipe['exit_code']}, {pipe['wall_s']:.1f} s wall, execution {pipe.get('execution_s')} s")
         for step in pipe.get("steps", []):
             print(f"  {step['name']:32}{step['type']:14}{step['duration_s']!s:>10}")
         for job in pipe.get("training_jobs", []):

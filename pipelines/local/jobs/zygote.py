@@ -35,8 +35,9 @@ zygote's log (``$MLOPS_HOME/zygotes/``, :mod:`pipelines.local.jobs.warm`) says w
 Differences from a cold start, all known ones: ``os.getppid()`` is the zygote; the process leads its own session;
 modules of :data:`PRELOAD` (and what they import) are in ``sys.modules`` before the script imports them; the
 string-hash seed (``PYTHONHASHSEED`` unset) is the zygote's, the same for every job; so is
-``sys.flags.dont_write_bytecode`` (``sys.dont_write_bytecode``, which imports obey, is the process's); the interpreter's own
-start-up files (``sitecustomize``) ran once, in the zygote. ``MLOPS_ZYGOTE_SOCKET`` is in the job's environment.
+``sys.flags.dont_write_bytecode`` (``sys.dont_write_bytecode``, which imports obey, is the process's); the
+interpreter's own start-up files (``sitecustomize``) ran once, in the zygote. ``MLOPS_ZYGOTE_SOCKET`` is in the
+job's environment.
 
 This file is the zygote (run as a script: ``python zygote.py --socket PATH``) and, copied into each job
 environment as ``_mlops_zygote.py``, the client: standard library only.
