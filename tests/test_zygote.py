@@ -307,3 +307,17 @@ def test_a_process_that_asks_while_the_zygote_preloads_starts_cold(jenv, tmp_pat
         assert "WARM" in proc.stderr
     finally:
         zygotes.stop()
+
+
+def test_a_runner_prestarts_a_zygote_only_for_jobs_over_the_project_environment() -> None:
+    sklearn = "683313688378.dkr.ecr.us-east-1.amazonaws.com/sagemaker-scikit-learn:1.2-1-cpu-py3"
+    pytorch = "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.6-gpu-py312"
+    processing = {"Type": "Processing", "Arguments": {"AppSpecification": {"ImageUri": sklearn}}}
+    assert not warm.uses_project_environment({"Steps": [processing]})
+    assert not warm.uses_project_environment(json.dumps({"Steps": [{"Type": "Lambda", "Arguments": {}}]}))
+    nested = {"Type": "Condition", "Arguments": {"IfSteps": [
+        {"Type": "Training", "Arguments": {"AlgorithmSpecification": {"TrainingImage": pytorch}}}]}}
+    assert warm.uses_project_environment({"Steps": [processing, nested]})
+    by_parameter = {"Type": "Training", "Arguments": {"AlgorithmSpecification": {
+        "TrainingImage": {"Get": "Parameters.Image"}}}}
+    assert warm.uses_project_environment({"Steps": [by_parameter]})

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _claim(records, args.execution_id)
     logger.info("runner %s of execution %s (pid %d)", args.mode, args.execution_id, os.getpid())
-    warm.ZYGOTES.prestart()  # preloads torch while the engine reads the definition and runs the first steps
+    if warm.uses_project_environment(execution["definition"]):
+        warm.ZYGOTES.prestart()  # preloads torch while the engine reads the definition and runs the first steps
     try:
         final = run(records, execution, args.mode)
     except BaseException as exc:  # noqa: BLE001 -- every end is recorded, none is left Executing

@@ -17,6 +17,7 @@ preloaded, each fork, each cold start and why --- is ``$MLOPS_HOME/zygotes/<that
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import re
@@ -26,11 +27,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from pipelines.local.jobs import environment as job_env
-from pipelines.local.jobs import zygote
+from pipelines.local.jobs import envs, zygote
 from pipelines.local.storage import store
 
 logger = logging.getLogger(__name__)
@@ -130,6 +132,49 @@ class Zygotes:
                     item.proc.kill()
                     item.proc.wait()
             shutil.rmtree(item.root, ignore_errors=True)
+
+
+JOB_STEP_TYPES = ("Training", "Processing", "Tuning")
+IMAGE_KEYS = ("TrainingImage", "ImageUri")
+
+
+def _images(node: Any) -> Iterator[Any]:
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            if key in IMAGE_KEYS:
+                yield value
+            else:
+                yield from _images(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _images(item)
+
+
+def _job_steps(node: Any) -> Iterator[Mapping[str, Any]]:
+    if isinstance(node, Mapping):
+        if node.get("Type") in JOB_STEP_TYPES:
+            yield node
+        for value in node.values():
+            yield from _job_steps(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _job_steps(item)
+
+
+def uses_project_environment(definition: str | Mapping[str, Any]) -> bool:
+    """Whether a pipeline definition has a job that runs over the project's environment (a PyTorch image, an
+    unknown one, or one named by an expression): only then is a zygote worth starting before the first step."""
+    data = json.loads(definition) if isinstance(definition, str) else definition
+    for step in _job_steps(data.get("Steps") or []):
+        for image in _images(step.get("Arguments") or {}):
+            if not isinstance(image, str):
+                return True
+            try:
+                if envs.spec_for(image) is None:
+                    return True
+            except envs.EnvironmentUnavailable:
+                continue
+    return False
 
 
 def log_dir() -> Path:
