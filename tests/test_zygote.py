@@ -129,12 +129,15 @@ def test_a_warm_script_sees_what_a_cold_one_sees(jenv, zyg, tmp_path: Path, per_
     assert len({draw_a, draw_b, _json(second)["numpy_draw"]}) == 3  # NumPy reseeded per process, as when fresh
 
 
-def test_python_dash_m_is_warm_too(jenv, zyg, tmp_path: Path) -> None:
+def test_python_dash_m_is_warm_when_asked(jenv, zyg, tmp_path: Path) -> None:
     pkg = tmp_path / "work" / "probepkg"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "probe.py").write_text(PROBE)
-    cold, hot = _both(jenv, zyg, tmp_path, ["-m", "probepkg.probe", "x"])
+    default = _run([str(jenv.python), "-m", "probepkg.probe"], {**_env(jenv), warm.SOCKET_ENV: zyg.ready(_env(jenv))},
+                   tmp_path / "work")
+    assert "COLD" in default.stderr  # -m starts cold unless asked (zygote.MODULES_ENV)
+    cold, hot = _both(jenv, zyg, tmp_path, ["-m", "probepkg.probe", "x"], MLOPS_ZYGOTE_MODULES="1")
     assert cold.returncode == hot.returncode == 0, hot.stderr
     assert "WARM" in hot.stderr
     a, b = _json(cold), _json(hot)

@@ -9,9 +9,10 @@ forks a child for each job process that asks.
 
 What a job sees stays a fresh process's view. Every ``python`` of a job environment runs this file's
 :func:`hand_over` from the environment's ``.pth`` (:mod:`pipelines.local.jobs.environment`), once ``sys.path`` is
-complete; when ``MLOPS_ZYGOTE_SOCKET`` is set and the command is ``python <script> ...`` or ``python -m <module> ...``
-(never ``-m pip``, ``-c`` or other options), it sends the zygote its ``argv``, ``sys.path``, environment, cwd,
-signal dispositions and its stdin/stdout/stderr (``SCM_RIGHTS``). The zygote forks a child that
+complete; when ``MLOPS_ZYGOTE_SOCKET`` is set and the command is ``python <script> ...`` (``python -m <module>``
+only with ``MLOPS_ZYGOTE_MODULES=1``, :data:`MODULES_ENV`; never ``-m pip``, ``-c`` or other options), it sends the
+zygote its ``argv``, ``sys.path``, environment, cwd, signal dispositions and its stdin/stdout/stderr
+(``SCM_RIGHTS``). The zygote forks a child that
 
 - joins the asking process's user and mount namespaces (``setns``: the job's private ``/opt/ml``,
   :mod:`pipelines.local.jobs.sandbox`), takes its capabilities, ids and ``no_new_privs`` or fails, and leads a
@@ -56,6 +57,8 @@ import sys
 import time
 
 SOCKET_ENV = "MLOPS_ZYGOTE_SOCKET"
+#: ``python -m`` hands over only with this set to 1 (a cautious default: it is the least exercised form).
+MODULES_ENV = "MLOPS_ZYGOTE_MODULES"
 PRELOAD = ("numpy", "PIL.Image", "torch", "torchvision", "torchvision.transforms.v2")
 #: Environment variables read when an interpreter or a native library loads: a zygote serves only processes whose
 #: values of these equal its own (``PYTHONPATH`` is applied per process: it is in ``sys.path``).
@@ -123,7 +126,8 @@ def _command(orig_argv: list[str]) -> tuple[str, str] | None:
     if len(orig_argv) < 2:
         return None
     first = orig_argv[1]
-    if first == "-m" and len(orig_argv) > 2 and orig_argv[2].split(".")[0] != "pip":
+    if first == "-m" and len(orig_argv) > 2 and os.environ.get(MODULES_ENV) == "1" \
+            and orig_argv[2].split(".")[0] != "pip":
         return ("module", orig_argv[2])
     if not first.startswith("-") and os.path.isfile(first):
         return ("script", first)
