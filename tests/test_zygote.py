@@ -66,7 +66,7 @@ PROBE = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def zyg(tmp_path_factory: pytest.TempPathFactory):
+def zyg():
     """A zygote of this test process (the engine), for the environment the probes run with."""
     zygotes = warm.Zygotes()
     yield zygotes
