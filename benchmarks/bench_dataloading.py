@@ -10,7 +10,6 @@ The trainer's input pipeline (ImageFolder + training.model.train_transform + Dat
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import subprocess
@@ -18,6 +17,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import report_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -91,9 +92,7 @@ def main() -> None:
     print(f"{'images/s':18}{baseline['images_per_s']:>20}{ours['images_per_s']:>20}")
     print(f"{'dataset MB':18}{baseline['dataset_mb']:>20}{ours['dataset_mb']:>20}")
     print(f"speed-up x{result['speedup']}  (one-off preprocessing {result['preprocess_seconds_once']} s)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    report_file.write(args.out, result)
 
 
 if __name__ == "__main__":

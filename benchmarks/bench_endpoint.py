@@ -56,6 +56,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import report_file
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -489,8 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                "machine": {"cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
                            "torch": torch.__version__, "platform": platform.platform()},
                "elapsed_s": round(time.monotonic() - started, 1), **results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    report_file.write(args.out, results)
     print(json.dumps({"in_process": results["in_process"], "http": results["http"], "ratios": results["ratios"]},
                      indent=2))
     return 0

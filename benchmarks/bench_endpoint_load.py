@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import report_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -303,11 +304,8 @@ def main() -> None:
         report["shutdown"] = shutdown(root, Path(tmp), env)
     result = {"benchmark": "endpoint_load", "root": str(root), "python": platform.python_version(),
               "cpus": os.cpu_count(), "params": vars(args), **report}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    report_file.write(args.out, result)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import report_file
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -397,12 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_pipeline:
             report.update(pipeline_section(work, args.pipeline_repeats, report["variants"]))
     print_report(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp_out.write_text(json.dumps(report, indent=2))
-    os.replace(tmp_out, out)
-    print(f"wrote {out}")
+    report_file.write(args.out, report)
     return 0
 
 

@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import report_file
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -236,12 +238,7 @@ def main(argv: list[str] | None = None) -> int:
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "params": params, "baseline": SEED,
               "results": results, "ratios": ratios(results, runs)}
     print_table(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp_out.write_text(json.dumps(report, indent=2))
-    os.replace(tmp_out, out)
-    print(f"wrote {out}")
+    report_file.write(args.out, report)
     return 0
 
 

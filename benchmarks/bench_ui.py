@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import report_file
+
 ROOT = Path(__file__).resolve().parents[1]
 for extra in (ROOT, ROOT / "tests"):
     if str(extra) not in sys.path:
@@ -210,9 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         result = measure(args)
     result.update({"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                    "command": " ".join(["benchmarks/bench_ui.py", *(argv or sys.argv[1:])])})
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+    report_file.write(args.out, result)
     return 0
 
 
