@@ -115,6 +115,7 @@ def test_a_warm_script_sees_what_a_cold_one_sees(jenv, zyg, tmp_path: Path, per_
                       **per_process)
     assert cold.returncode == hot.returncode == 0, (cold.stderr, hot.stderr)
     assert "COLD" in cold.stderr and "WARM" in hot.stderr, hot.stderr
+    assert "[zygote]" not in hot.stderr  # nothing installed during the run: nothing to say
     a, b = _json(cold), _json(hot)
     draw_a, draw_b = a.pop("numpy_draw"), b.pop("numpy_draw")
     assert a == b
@@ -184,6 +185,46 @@ def test_what_does_not_qualify_starts_cold(jenv, zyg, tmp_path: Path, case: str)
     assert "WARM" not in proc.stderr
     if case == "load_time_variable":
         assert "load-time variables differ: OMP_NUM_THREADS" in _cold_reason(zyg)
+
+
+INSTALLS_THEN_IMPORTS = textwrap.dedent('''
+    import os, sys
+    warm = "torch" in sys.modules
+    site_packages = sys.argv[1]
+    # what a `pip install` of another numpy, run by the script itself, leaves in the job environment
+    os.makedirs(os.path.join(site_packages, "numpy"))
+    with open(os.path.join(site_packages, "numpy", "__init__.py"), "w") as fh:
+        fh.write("__version__ = 'installed-by-the-script'\\n")
+    import freshly_written  # the next import of a module not loaded yet
+    import numpy
+    print("WARM" if warm else "COLD", numpy.__version__, flush=True)
+''')
+
+
+def test_a_package_installed_over_a_preloaded_one_during_the_run_is_named_on_stderr(jenv, zyg, tmp_path: Path) -> None:
+    """A script that installs a package shadowing a preloaded one and then imports (the SDK's ``@step`` bootstrap
+    does: its requirements bring numpy 2 and pandas 3 over the engine's numpy 1.26): cold, it imports the new
+    package; warm, the preloaded one stays in ``sys.modules``, and the process says so once on stderr, above the
+    import that follows, naming both files and MLOPS_WARM_START=0."""
+    script = tmp_path / "installs.py"
+    script.write_text(INSTALLS_THEN_IMPORTS)
+    (tmp_path / "freshly_written.py").write_text("")
+    other = job_env.create(tmp_path / "other.jobenv")
+    try:
+        cold = _run([str(other.python), str(script), str(other.site_packages)], _env(other), tmp_path)
+        env = _env(jenv)
+        hot = _run([str(jenv.python), str(script), str(jenv.site_packages)], {**env, warm.SOCKET_ENV: zyg.ready(env)},
+                   tmp_path)
+    finally:
+        other.remove()
+    assert cold.returncode == hot.returncode == 0, (cold.stderr[-800:], hot.stderr[-800:])
+    assert cold.stdout.split() == ["COLD", "installed-by-the-script"] and "[zygote]" not in cold.stderr
+    import numpy
+
+    assert hot.stdout.split() == ["WARM", numpy.__version__]
+    assert hot.stderr.count("[zygote] warning") == 1, hot.stderr
+    assert f"numpy would be imported from {jenv.site_packages / 'numpy' / '__init__.py'}" in hot.stderr
+    assert "MLOPS_WARM_START=0" in hot.stderr
 
 
 def test_no_zygote_listening_starts_cold(jenv, tmp_path: Path) -> None:

@@ -805,8 +805,9 @@ def _run_job(request: Mapping[str, Any], env: Mapping[str, str], layout: _Layout
     timeout = (request.get("StoppingCondition") or {}).get("MaxRuntimeInSeconds")
     base = image_environment((request.get("AlgorithmSpecification") or {}).get("TrainingImage"), log_path)
     _sync_checkpoints(request, layout, artifacts, upload=False)
-    # A ContainerEntrypoint (the SDK's @step jobs) starts cold: forked, the @step job of the conformance pipeline
-    # fails importing pandas ("C extension: None not built"), not yet understood (docs/JOB_ENVIRONMENTS.md).
+    # A ContainerEntrypoint (the SDK's @step jobs) starts cold: its bootstrap pip-installs the function's requirements
+    # (numpy 2, pandas 3) and then imports pandas in the same process, which a warm one does over the preloaded numpy
+    # 1.26 (docs/JOB_ENVIRONMENTS.md, Warm starts; zygote.ShadowWatch says so when it happens elsewhere).
     entrypoint = bool((request.get("AlgorithmSpecification") or {}).get("ContainerEntrypoint"))
     try:
         return _run_in_job_env(command, env, layout.root, log_path, base=base, on_line=on_line, control=control,

@@ -38,7 +38,9 @@ modules of :data:`PRELOAD` (and what they import) are in ``sys.modules`` before 
 string-hash seed (``PYTHONHASHSEED`` unset) is the zygote's, the same for every job; so is
 ``sys.flags.dont_write_bytecode`` (``sys.dont_write_bytecode``, which imports obey, is the process's); the
 interpreter's own start-up files (``sitecustomize``) ran once, in the zygote. ``MLOPS_ZYGOTE_SOCKET`` is in the
-job's environment.
+job's environment, and ``sys.meta_path[0]`` is a :class:`ShadowWatch`: a process that installs a package over a
+preloaded one and then imports it keeps the preloaded one (it cannot be unloaded), where a cold process would get
+the new one -- the watcher says so on stderr when it happens.
 
 This file is the zygote (run as a script: ``python zygote.py --socket PATH``) and, copied into each job
 environment as ``_mlops_zygote.py``, the client: standard library only.
@@ -147,7 +149,8 @@ def _request(kind: str, target: str) -> dict:
             "cwd": os.getcwd(), "env": dict(os.environ), "path": list(sys.path), "executable": sys.executable,
             "prefix": sys.prefix, "exec_prefix": sys.exec_prefix, "base_prefix": sys.base_prefix,
             "flags": list(sys.flags), "pid": os.getpid(), "ignored": ignored, "umask": _umask(),
-            "dont_write_bytecode": sys.dont_write_bytecode, "stdio": [_stream_spec(s) for s in _STDIO]}
+            "dont_write_bytecode": sys.dont_write_bytecode, "stdio": [_stream_spec(s) for s in _STDIO],
+            "site_packages": os.path.dirname(os.path.abspath(__file__))}
 
 
 _STDIO = ("stdin", "stdout", "stderr")
@@ -337,6 +340,40 @@ def _same_packages(preloaded: dict[str, str]) -> str | None:
     return None
 
 
+class ShadowWatch:
+    """A meta-path finder that finds nothing and watches: once something is installed into the job environment after
+    the fork (a script's own ``pip install``; the SDK's ``@step`` bootstrap does it and then imports in the same
+    process), the next import of a module not yet loaded checks whether a preloaded package would now come from other
+    files, and says so once on stderr. The process keeps the preloaded module (it cannot be unloaded); a cold process
+    would have imported the new one, so an import that then fails has its cause written just above it."""
+
+    def __init__(self, preloaded: dict[str, str], site_packages: str) -> None:
+        self.preloaded = preloaded
+        self.site_packages = site_packages
+        self.seen = self._mtime()
+        self.warned = False
+
+    def _mtime(self) -> int | None:
+        try:
+            return os.stat(self.site_packages).st_mtime_ns
+        except OSError:
+            return None
+
+    def find_spec(self, _name: str, _path: object = None, _target: object = None) -> None:
+        if self.warned or (mtime := self._mtime()) == self.seen:
+            return None
+        self.seen = mtime
+        why = _same_packages(self.preloaded)
+        if why:
+            self.warned = True
+            sys.stderr.write(f"[zygote] warning: {why}: something was installed into {self.site_packages} after "
+                             f"this warm-started process began, and it keeps the preloaded module (a cold process "
+                             f"would import the new one). If an import fails below, run with MLOPS_WARM_START=0 "
+                             f"(docs/JOB_ENVIRONMENTS.md, Warm starts).\n")
+            sys.stderr.flush()
+        return None
+
+
 def _take_over(request: dict, fds: list[int], preloaded: dict[str, str]) -> None:
     """In the forked child: become the asking process (module docstring); raises on what it cannot take."""
     os.setsid()
@@ -373,6 +410,7 @@ def _take_over(request: dict, fds: list[int], preloaded: dict[str, str]) -> None
     why = _same_packages(preloaded)
     if why:
         raise OSError(why)
+    sys.meta_path.insert(0, ShadowWatch(preloaded, request["site_packages"]))
     if "numpy.random" in sys.modules:
         sys.modules["numpy.random"].seed()
 
