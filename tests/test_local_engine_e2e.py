@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import tarfile
 
 import pytest
+from support.local_state import local_state
 
 from pipelines import sample_data
 from pipelines.local.engine.resolver import decode_hyperparameter
@@ -43,9 +43,7 @@ def runs(tmp_path_factory):
     home = tmp_path_factory.mktemp("mlops-home")
     data = sample_data.make_dataset(tmp_path_factory.mktemp("raw"), per_class=30, size=48, seed=3,
                                     with_bad_files=True)
-    saved = {k: os.environ.get(k) for k in ("MLOPS_HOME", "MLOPS_TUNER_SEED", "MLOPS_MAX_WORKERS")}
-    os.environ.update({"MLOPS_HOME": str(home), "MLOPS_TUNER_SEED": "0", "MLOPS_MAX_WORKERS": "2"})
-    try:
+    with local_state(home, endpoints=(ENDPOINT,), MLOPS_TUNER_SEED="0", MLOPS_MAX_WORKERS="2"):
         from pipelines.local.storage.executions import ExecutionStore
 
         records = ExecutionStore()
@@ -65,21 +63,6 @@ def runs(tmp_path_factory):
         second = records.list_executions(limit=1)[0]
         yield {"records": records, "home": home, "passed": passed, "failed": failed, "first": first,
                "second": second}
-    finally:
-        try:
-            from pipelines.local.serving import endpoints
-
-            endpoints.delete(ENDPOINT)
-        except Exception:  # noqa: BLE001 -- nothing deployed
-            pass
-        from pipelines.local.api import server
-
-        server.down()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _steps(runs, which):

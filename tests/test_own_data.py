@@ -15,16 +15,14 @@ pretrained run is above the scratch run and above chance (0.2) by a margin the ~
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support import efficientnet_lite0, real_photos
+from support.local_state import local_state
 
 pytestmark = pytest.mark.slow
-
-ENV_KEYS = ("MLOPS_HOME", "MLOPS_TUNER_SEED", "HF_HUB_OFFLINE")
 
 
 def _start(**params: str) -> int:
@@ -68,9 +66,7 @@ def weights(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, photos, weights):
     home = tmp_path_factory.mktemp("mlops-own-data")
-    saved = {k: os.environ.get(k) for k in ENV_KEYS}
-    os.environ.update({"MLOPS_HOME": str(home), "MLOPS_TUNER_SEED": "0", "HF_HUB_OFFLINE": "1"})
-    try:
+    with local_state(home, MLOPS_TUNER_SEED="0", HF_HUB_OFFLINE="1"):
         from pipelines import run
 
         clients = run.local_clients()
@@ -85,15 +81,6 @@ def runs(tmp_path_factory, photos, weights):
         (home / "own_data_accuracy.json").write_text(json.dumps(summary, indent=2))
         print(f"\ntest accuracy on real photos: {summary}")
         yield results
-    finally:
-        from pipelines.local.api import server
-
-        server.down()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def test_the_own_data_command_succeeds_with_the_local_profile_and_records_the_fallback(runs):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import urllib.error
 import urllib.request
@@ -19,6 +18,7 @@ import uuid
 from typing import Any
 
 import pytest
+from support.local_state import local_state
 from ui_support import definitions, studio
 
 from pipelines import sample_data
@@ -34,7 +34,6 @@ PARAMS = {
     "MaxTrainingJobs": "2", "MaxParallelTrainingJobs": "2", "EpochsMin": "2", "EpochsMax": "3",
     "EndpointName": ENDPOINT, "AccuracyThreshold": "0",
 }
-ENV_KEYS = ("MLOPS_HOME", "MLOPS_TUNER_SEED", "MLOPS_MAX_WORKERS")
 
 
 def _runs(data: str) -> dict[str, str]:
@@ -58,42 +57,23 @@ def env(tmp_path_factory):
     home = tmp_path_factory.mktemp("mlops-ui")
     data = sample_data.make_dataset(tmp_path_factory.mktemp("raw"), per_class=30, size=48, seed=3,
                                     with_bad_files=True)
-    saved = {k: os.environ.get(k) for k in ENV_KEYS}
-    os.environ.update({"MLOPS_HOME": str(home), "MLOPS_TUNER_SEED": "0", "MLOPS_MAX_WORKERS": "2"})
     ui = None
-    try:
-        from pipelines import run
+    with local_state(home, endpoints=(ENDPOINT,), MLOPS_TUNER_SEED="0", MLOPS_MAX_WORKERS="2"):
+        try:
+            from pipelines import run
 
-        arns = _runs(str(data))
-        clients = run.local_clients()
-        flag = f"s3://{definitions.BUCKET}/ui-test/{uuid.uuid4().hex}/flag.json"
-        definitions.upsert(clients.sagemaker, "UiRetry", definitions.retry_definition(flag))
-        retry_arn = definitions.start(clients.sagemaker, "UiRetry", description="<script>window.__xss=1</script>")
-        assert definitions.wait(clients.sagemaker, retry_arn)["PipelineExecutionStatus"] == "Failed"
-        definitions.upsert(clients.sagemaker, "UiStop", definitions.sleep_definition())
-        ui = studio.Studio()
-        yield {"home": home, "clients": clients, "url": ui.url, "flag": flag, "retry": retry_arn, **arns}
-    finally:
-        if ui is not None:
-            ui.close()
-        _clean_up(saved)
-
-
-def _clean_up(saved: dict[str, str | None]) -> None:
-    from pipelines.local.api import server
-
-    try:
-        from pipelines.local.serving import endpoints
-
-        endpoints.delete(ENDPOINT)
-    except Exception:  # nothing deployed
-        pass
-    server.down()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+            arns = _runs(str(data))
+            clients = run.local_clients()
+            flag = f"s3://{definitions.BUCKET}/ui-test/{uuid.uuid4().hex}/flag.json"
+            definitions.upsert(clients.sagemaker, "UiRetry", definitions.retry_definition(flag))
+            retry_arn = definitions.start(clients.sagemaker, "UiRetry", description="<script>window.__xss=1</script>")
+            assert definitions.wait(clients.sagemaker, retry_arn)["PipelineExecutionStatus"] == "Failed"
+            definitions.upsert(clients.sagemaker, "UiStop", definitions.sleep_definition())
+            ui = studio.Studio()
+            yield {"home": home, "clients": clients, "url": ui.url, "flag": flag, "retry": retry_arn, **arns}
+        finally:
+            if ui is not None:
+                ui.close()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,10 @@ import re
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from http.server import BaseHTTPRequestHandler
 
 #: Bodies are read whole into memory only up to this size (JSON APIs); S3 object bodies are streamed instead.
 MAX_JSON_BODY_BYTES = 16 * 1024 * 1024
@@ -149,3 +152,29 @@ def _json_default(value: Any) -> Any:
 
         return base64.b64encode(bytes(value)).decode("ascii")
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def send(handler: BaseHTTPRequestHandler, status: int, headers: Mapping[str, str], body: bytes | Iterable[bytes],
+         length: int | None = None) -> None:
+    """Write one response on ``handler``: status, ``headers``, ``Content-Length`` (``len(body)``, or ``length`` for a
+    streamed body, an iterable of bytes, which is closed afterwards when it can be) and the body, none for ``HEAD``.
+    The one writer of the local AWS service and of the local Studio."""
+    handler.send_response(status)
+    for key, value in headers.items():
+        handler.send_header(key, value)
+    if isinstance(body, bytes | bytearray):
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(body)
+        return
+    handler.send_header("Content-Length", str(length or 0))
+    handler.end_headers()
+    try:
+        for chunk in body:
+            if handler.command != "HEAD":
+                handler.wfile.write(chunk)
+    finally:
+        close = getattr(body, "close", None)
+        if close:
+            close()

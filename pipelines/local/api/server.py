@@ -31,7 +31,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from pipelines.local.api.protocol import BodyTooLarge, Request, Response, parse_scope
+from pipelines.local.api.protocol import BodyTooLarge, Request, Response, parse_scope, send
 
 logger = logging.getLogger("pipelines.local.api")
 
@@ -144,26 +144,7 @@ class AwsRequestHandler(http.server.BaseHTTPRequestHandler):
         self._write(response)
 
     def _write(self, response: Response) -> None:
-        body = response.body
-        self.send_response(response.status)
-        for key, value in response.headers.items():
-            self.send_header(key, value)
-        if isinstance(body, bytes | bytearray):
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-            return
-        self.send_header("Content-Length", str(response.length or 0))
-        self.end_headers()
-        try:
-            for chunk in body:
-                if self.command != "HEAD":
-                    self.wfile.write(chunk)
-        finally:
-            close = getattr(body, "close", None)
-            if close:
-                close()
+        send(self, response.status, response.headers, response.body, response.length)
 
     def _plain(self, status: int, message: str) -> None:
         data = message.encode("utf-8")

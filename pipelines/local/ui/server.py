@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
+from pipelines.local.api.protocol import send
 from pipelines.local.ui import assets, html
 from pipelines.local.ui import pages_endpoints as _pages_endpoints  # noqa: F401 -- registers its routes
 from pipelines.local.ui import pages_jobs as _pages_jobs  # noqa: F401 -- registers its routes
@@ -171,24 +172,10 @@ class UiHandler(http.server.BaseHTTPRequestHandler):
         return self.server.app.reader.call(lambda: handler(self.server.app, request))
 
     def _send(self, response: Response) -> None:
-        self.send_response(response.status)
         headers = {"Content-Type": response.content_type, "X-Content-Type-Options": "nosniff",
                    "Referrer-Policy": "no-referrer", "Cache-Control": "no-store",
                    "Content-Security-Policy": PAGE_CSP, **response.headers}
-        for key, value in headers.items():
-            self.send_header(key, value)
-        body = response.body
-        if isinstance(body, bytes | bytearray):
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-            return
-        self.send_header("Content-Length", str(response.length or 0))
-        self.end_headers()
-        for chunk in body:
-            if self.command != "HEAD":
-                self.wfile.write(chunk)
+        send(self, response.status, headers, response.body, response.length)
 
 
 def _from_client_error(exc: ClientError) -> HttpError:
