@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export SAGEMAKER_SUPPRESS_V2_WARNING := 1
 
-.PHONY: run test lint pytest venv browser java sandbox clean benchmark
+.PHONY: run test lint pytest venv browser java sandbox clean benchmark screenshots
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ pytest: $(STAMP) browser java sandbox
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test: lint pytest
+
+# The Studio test, writing its page screenshots to docs/ui/ (a plain test run writes them to a temporary folder).
+screenshots: $(STAMP) browser
+	MLOPS_UI_SCREENSHOTS=docs/ui $(VENV)/bin/pytest -p no:cacheprovider tests/test_ui.py
 
 # Full pipeline locally on a generated dataset, ending with a deployed local endpoint answering a real image.
 run: $(STAMP)

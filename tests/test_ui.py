@@ -4,7 +4,8 @@ run on a tiny generated dataset (as tests/test_local_engine_e2e.py runs it: 48 p
 The module's MLOPS_HOME holds: execution 1 (``ModelApprovalStatus=Approved``: version 1, deployed), execution 2
 (cache hits, version 2 ``PendingManualApproval``), a small pipeline whose condition fails until an S3 object exists
 (Retry), and one that sleeps (Stop). The UI runs as a user starts it, in a subprocess on a free port; every page is
-loaded with requests outside 127.0.0.1 aborted (the page needs no network) and screenshotted to docs/ui/<page>.png.
+loaded with requests outside 127.0.0.1 aborted (the page needs no network) and screenshotted (to a temporary folder;
+``make screenshots`` writes them to docs/ui/<page>.png).
 """
 
 from __future__ import annotations

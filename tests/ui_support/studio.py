@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,18 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run"]
 VIEWPORT = {"width": 1280, "height": 900}
-SCREENSHOTS = ROOT / "docs" / "ui"
+#: Where :func:`screenshot` writes: ``$MLOPS_UI_SCREENSHOTS`` (``make screenshots`` sets it to docs/ui, the pictures
+#: the README and docs/UI.md show), else a temporary folder, so that a test run leaves the checkout as it found it.
+SCREENSHOTS_ENV = "MLOPS_UI_SCREENSHOTS"
+_screenshots: Path | None = None
+
+
+def screenshots_dir() -> Path:
+    global _screenshots
+    if _screenshots is None:
+        chosen = os.environ.get(SCREENSHOTS_ENV)
+        _screenshots = Path(chosen).resolve() if chosen else Path(tempfile.mkdtemp(prefix="mlops-ui-screenshots-"))
+    return _screenshots
 
 
 class Studio:
@@ -71,14 +83,15 @@ def offline_page(browser: Any, external: list[str]) -> Any:
 
 
 def screenshot(page: Any, name: str, settle_ms: int = 300) -> Path:
-    """Full-page screenshot (1280 px wide) to docs/ui/<name>.png. The viewport is stretched to the page's height
-    for it: Chromium's ``full_page`` capture leaves sandboxed iframes (the profiler report) blank."""
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    """Full-page screenshot (1280 px wide) to ``<screenshots_dir()>/<name>.png``. The viewport is stretched to the
+    page's height for it: Chromium's ``full_page`` capture leaves sandboxed iframes (the profiler report) blank."""
+    folder = screenshots_dir()
+    folder.mkdir(parents=True, exist_ok=True)
     height = min(12_000, int(page.evaluate("document.documentElement.scrollHeight")))
     page.set_viewport_size({"width": VIEWPORT["width"], "height": max(VIEWPORT["height"], height)})
     try:
         page.wait_for_timeout(settle_ms)
-        path = SCREENSHOTS / f"{name}.png"
+        path = folder / f"{name}.png"
         page.screenshot(path=str(path))
     finally:
         page.set_viewport_size(VIEWPORT)
