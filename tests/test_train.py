@@ -293,6 +293,47 @@ def test_hyperparameters_as_sagemaker_passes_them(monkeypatch, tmp_path: Path) -
 
 
 @pytest.mark.fast
+def test_the_trainer_loader_decodes_rgb_jpegs_to_the_pixels_pillow_gives(tmp_path: Path) -> None:
+    """``image_loader``: an RGB JPEG (every chroma subsampling) comes back as a uint8 CHW tensor equal to Pillow's
+    decode, so the augmentations and the CPU results are unchanged; the files it leaves to Pillow come back as
+    ``pil_loader`` returns them, and a truncated JPEG fails the way Pillow fails."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from training.model import train_transform
+
+    make_dataset(tmp_path / "d", per_class=1, size=64, seed=5, classes=CLASSES, with_bad_files=True)
+    for subsampling in (0, 1, 2):
+        path = tmp_path / f"rgb-{subsampling}.jpg"
+        Image.open(tmp_path / "d" / "circle" / "circle_0000.jpg").convert("RGB").resize((75, 61)).save(
+            path, quality=90, subsampling=subsampling)
+        decoded = train.image_loader(str(path))
+        assert isinstance(decoded, torch.Tensor) and decoded.dtype == torch.uint8 and decoded.shape == (3, 61, 75)
+        expected = np.asarray(train.pil_loader(str(path))).transpose(2, 0, 1)
+        assert np.array_equal(decoded.numpy(), expected)
+        torch.manual_seed(0)
+        from_tensor = train_transform(48)(decoded)
+        torch.manual_seed(0)
+        assert torch.equal(from_tensor, train_transform(48)(train.pil_loader(str(path))))
+    for name in ("odd_cmyk.jpg", "odd_png_named.jpg", "odd_16bit.png", "odd_gray.png"):
+        path = str(tmp_path / "d" / "circle" / name)
+        loaded = train.image_loader(path)
+        assert isinstance(loaded, Image.Image) and loaded.mode == "RGB", name
+        assert np.array_equal(np.asarray(loaded), np.asarray(train.pil_loader(path))), name
+    gray = tmp_path / "gray.jpg"
+    Image.new("L", (20, 10), 128).save(gray)
+    assert isinstance(train.image_loader(str(gray)), Image.Image)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes((tmp_path / "rgb-0.jpg").read_bytes()[:400])
+    with pytest.raises(OSError) as by_pillow:
+        train.pil_loader(str(truncated))
+    with pytest.raises(OSError) as by_trainer:
+        train.image_loader(str(truncated))
+    assert str(by_trainer.value) == str(by_pillow.value) and "runcated" in str(by_pillow.value)
+
+
+@pytest.mark.fast
 def test_bad_files_become_markers_and_validation_uses_training_classes(tmp_path: Path) -> None:
     from training.model import train_transform
 
