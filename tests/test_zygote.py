@@ -288,7 +288,13 @@ def test_sigterm_reaches_the_warm_script(jenv, zyg, tmp_path: Path) -> None:
     while not ready.is_file() and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired as exc:  # say where it stuck (one such hang was seen once, in a full run)
+        tree = subprocess.run(["ps", "-eo", "pid,ppid,sid,stat,wchan:24,args"], capture_output=True, text=True).stdout
+        proc.kill()
+        pytest.fail(f"no exit 30 s after SIGTERM; output so far {exc.output!r}\nzygote log:\n{_cold_reason(zyg)}\n"
+                    f"processes:\n{tree}")
     assert proc.returncode == 7 and "got SIGTERM" in out, err
 
 

@@ -457,7 +457,7 @@ def _run(request: dict) -> None:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
-            except Exception:  # noqa: BLE001,S110 -- a closed stream: nothing left to flush
+            except BaseException:  # noqa: BLE001,S110 -- a closed stream, or a signal handler's exit: go on
                 pass
         if interrupted:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -584,7 +584,11 @@ class Zygote:
                     os.write(ready_w, f"fail {exc}".encode()[:4000])
                 finally:
                     os._exit(70)
-            _run(request)
+            try:
+                _run(request)  # ends in os._exit
+            finally:
+                os._exit(1)  # whatever escaped it (a signal handler's exception at the very end) must not fall
+                #              through into the zygote's own code in this child
         os.close(ready_w)
         with os.fdopen(ready_r, "rb") as fh:
             answer = fh.read().decode(errors="replace")
@@ -614,6 +618,7 @@ class Zygote:
             conn = self.children.pop(pid, None)
             if conn is None:
                 continue
+            self.say(f"{pid} ended: {_describe(status)}")
             kill_session(pid)  # what the child left behind, as at the end of a process's container
             try:
                 _send(conn, {"status": status})
@@ -629,6 +634,12 @@ class Zygote:
         for pid in list(self.children):
             kill_session(pid)
         os._exit(0)
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit {os.waitstatus_to_exitcode(status)}"
 
 
 def kill_session(sid: int) -> None:
