@@ -8,9 +8,11 @@ Both run as fresh subprocesses with the same environment on the same generated d
   default prefetch, no persistent workers, no pinned memory, and a plain fp32 loop (``model(x)``, cross-entropy,
   SGD), on CUDA when present. Run by this script itself (``--seed-loop``); it imports nothing from the project;
 - the project's trainer (the real ``training/train.py``, the container contract, env vars and all), read from each
-  run's ``profiler/summary.json``: ``baseline_fp32`` (``--amp False --channels_last False``) and
-  ``bf16_channels_last`` (both on); on CUDA also ``bf16`` and ``channels_last`` alone. On CPU ``--amp`` is a
-  documented no-op, so the second configuration shows channels_last alone. ``--trainer-flag`` appends flags to
+  run's ``profiler/summary.json``: ``baseline_fp32`` (``--amp False --channels_last False``),
+  ``bf16_channels_last`` (both on) and ``fp32_device_cache`` (the data decoded once into device memory and
+  augmented there, ``training.device_cache``; the others read the folder with workers); on CUDA also ``bf16`` and
+  ``channels_last`` alone and ``bf16_channels_last_device_cache``. On CPU ``--amp`` is a documented no-op, so the
+  second configuration shows channels_last alone. ``--trainer-flag`` appends flags to
   every trainer configuration (e.g. options the trainer gains later).
 
 ``samples_per_s`` is training images per second of the train loop (images / the loop's time, data wait included:
@@ -48,12 +50,14 @@ sys.path.insert(0, str(ROOT))
 
 SEED = "seed_loop"
 CONFIGS = {
-    "baseline_fp32": ["--amp", "False", "--channels_last", "False"],
-    "bf16_channels_last": ["--amp", "True", "--channels_last", "True"],
+    "baseline_fp32": ["--amp", "False", "--channels_last", "False", "--device_cache", "False"],
+    "bf16_channels_last": ["--amp", "True", "--channels_last", "True", "--device_cache", "False"],
+    "fp32_device_cache": ["--amp", "False", "--channels_last", "False", "--device_cache", "True"],
 }
 CUDA_CONFIGS = {
-    "bf16": ["--amp", "True", "--channels_last", "False"],
-    "channels_last": ["--amp", "False", "--channels_last", "True"],
+    "bf16": ["--amp", "True", "--channels_last", "False", "--device_cache", "False"],
+    "channels_last": ["--amp", "False", "--channels_last", "True", "--device_cache", "False"],
+    "bf16_channels_last_device_cache": ["--amp", "True", "--channels_last", "True", "--device_cache", "True"],
 }
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

@@ -326,11 +326,13 @@ def test_the_trainer_loader_decodes_rgb_jpegs_to_the_pixels_pillow_gives(tmp_pat
     assert isinstance(train.image_loader(str(gray)), Image.Image)
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes((tmp_path / "rgb-0.jpg").read_bytes()[:400])
-    with pytest.raises(OSError) as by_pillow:
-        train.pil_loader(str(truncated))
-    with pytest.raises(OSError) as by_trainer:
-        train.image_loader(str(truncated))
-    assert str(by_trainer.value) == str(by_pillow.value) and "runcated" in str(by_pillow.value)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    for bad in (truncated, tmp_path / "empty.jpg", tmp_path / "d" / "circle" / "not_an_image.jpg"):
+        with pytest.raises(OSError) as by_pillow:
+            train.pil_loader(str(bad))
+        with pytest.raises(OSError) as by_trainer:
+            train.image_loader(str(bad))
+        assert (type(by_trainer.value), str(by_trainer.value)) == (type(by_pillow.value), str(by_pillow.value))
 
 
 @pytest.mark.fast
@@ -537,3 +539,40 @@ def test_device_normalize_on_the_cpu_trains_to_the_same_result(tmp_path: Path) -
     assert runs["workers"][0] == runs["device"][0]
     for key, tensor in runs["workers"][1].items():
         assert torch.allclose(tensor.float(), runs["device"][1][key].float(), atol=1e-5), key
+
+
+@pytest.mark.fast
+def test_the_device_cache_trains_to_the_very_result_of_the_folder_loader(tmp_path: Path) -> None:
+    """``--device-cache true`` on the CPU (decoded once, augmented from memory) against the folder's loader with
+    ``workers=0``: the same shuffles and augmentations in the same order, so the same weights bit for bit, bad files
+    skipped the same way (they keep their index in the cache)."""
+    import torch
+
+    data = tmp_path / "data"
+    make_dataset(data / "train", per_class=4, size=32, seed=5, classes=CLASSES[:2], with_bad_files=True)
+    make_dataset(data / "validation", per_class=2, size=32, seed=6, classes=CLASSES[:2])
+    runs = {}
+    for value in ("false", "true"):
+        summary = _train_in_process(data, tmp_path / f"ck-{value}", tmp_path / value, device_cache=value,
+                                   optimizer="sgd", epochs="2")
+        assert summary["device_cache"] is (value == "true")
+        runs[value] = (summary, torch.load(tmp_path / value / "model" / "model.pth", weights_only=True))
+    (folder, folder_weights), (cache, cache_weights) = runs["false"], runs["true"]
+    assert cache["bad_files_skipped"] == folder["bad_files_skipped"] > 0
+    assert cache["bad_files"] == folder["bad_files"]
+    assert cache["best_valid_accuracy"] == folder["best_valid_accuracy"]
+    for key, tensor in folder_weights.items():
+        assert torch.equal(tensor, cache_weights[key]), key
+
+
+@pytest.mark.fast
+def test_a_device_cache_that_does_not_fit_leaves_the_loader(tmp_path: Path, monkeypatch, caplog) -> None:
+    from training import device_cache
+
+    monkeypatch.setattr(device_cache, "memory_budget", lambda device: 1000)
+    data = _tiny_data(tmp_path / "data", per_class=4, seed=1)
+    with caplog.at_level("WARNING", logger="training.train"):
+        summary = _train_in_process(data, tmp_path / "ck", tmp_path / "out", device_cache="true")
+    assert summary["device_cache"] is False
+    assert any("device cache off, the loader stays" in r.getMessage() and "budget 0 MiB" in r.getMessage()
+               for r in caplog.records)

@@ -59,6 +59,11 @@ Outputs
          "system_monitor": {"samples", "interval_s", "max_cpu_percent", "max_rss_mb"}, "debugger_hook",
          "cuda_max_memory_allocated_mb"}
 
+Data: JPEGs are decoded by ``torchvision.io.decode_jpeg`` (:func:`image_loader`, Pillow's pixels), other files by
+Pillow. With ``--device-cache`` (auto: on CUDA when it fits) each split is decoded once into device memory and
+augmented there with no loader workers (:mod:`training.device_cache`); with ``workers=0`` that gives the very
+batches the folder's loader gives.
+
 Unreadable images never stop a job: the dataset returns a marker instead of a sample, the collate
 function drops it, the file is logged once (warning) and counted (``bad_files_skipped``). Truncated
 images are loaded as far as they go (``ImageFile.LOAD_TRUNCATED_IMAGES``).
@@ -91,10 +96,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 from torch import nn
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import datasets
 
-from training import debugger
+from training import debugger, device_cache
 from training.images import to_rgb
 from training.metrics import format_epoch_metrics
 from training.model import (
@@ -114,6 +119,7 @@ from training.model import (
     supported_archs_text,
     train_transform,
 )
+from training.samples import BadSample, transformed
 from training.serving_code import write_serving_code
 from training.system_monitor import SystemMonitor
 
@@ -280,6 +286,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
           "(4x fewer bytes over PCIe than float32; CPU workers stop at the uint8 crop)")
     _auto(parser, "persistent_workers", "keep DataLoader workers across epochs (no re-fork per epoch; a resumed run "
           "then sees other augmentations than an uninterrupted one)")
+    _auto(parser, "device_cache", "decode the data once into device memory and augment it there, with no loader "
+          "workers (auto: on CUDA when it fits; training.device_cache)")
     _add(parser, "prefetch_factor", type=_int, default=0,
          help="batches each worker loads ahead (0: auto, 4 on CUDA, else PyTorch's 2)")
     _bool(parser, "compile", False, "torch.compile the network for training and validation")
@@ -315,12 +323,6 @@ def _validate_args(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- data
 
-class BadSample(NamedTuple):
-    """Returned by ``SafeImageFolder`` instead of a sample whose file cannot be read."""
-    path: str
-    reason: str
-
-
 def pil_loader(path: str) -> Image.Image:
     """Open an image as RGB with the project's conversion rules (training.images.to_rgb)."""
     with Image.open(path) as img:
@@ -338,12 +340,13 @@ def image_loader(path: str) -> torch.Tensor | Image.Image:
     ``benchmarks/bench_dataloading.py``). Anything else -- PNG and the other formats, a grayscale or CMYK JPEG, a
     file torchvision refuses (truncated, corrupt) -- goes through :func:`pil_loader`, so its conversion rules and the
     errors a bad file is reported with stay Pillow's. ``train_transform``/``eval_transform`` take either."""
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    from torchvision.io import ImageReadMode, decode_jpeg
 
-    data = read_file(path)
-    if bytes(data[:3].tolist()) == JPEG_MAGIC:
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if data[:3] == JPEG_MAGIC:
         try:
-            image = decode_jpeg(data, mode=ImageReadMode.UNCHANGED)
+            image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
         except RuntimeError:
             image = None
         if image is not None and image.shape[0] == 3:
@@ -373,15 +376,19 @@ class SafeImageFolder(datasets.ImageFolder):
         mapping = dict(self._fixed_class_to_idx)
         return sorted(mapping, key=mapping.__getitem__), mapping
 
-    def __getitem__(self, index: int) -> tuple[Any, int] | BadSample:
+    def decoded(self, index: int) -> tuple[Any, int] | BadSample:
+        """Item ``index`` before the transform: what the loader returns, or a ``BadSample``."""
         path, target = self.samples[index]
         try:
-            sample = self.loader(path)
-            if self.transform is not None:
-                sample = self.transform(sample)
+            return self.loader(path), target
         except Exception as exc:  # any decoder error of one file must not end the job
             return BadSample(path, f"{type(exc).__name__}: {exc}")
-        return sample, target
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | BadSample:
+        item = self.decoded(index)
+        if isinstance(item, BadSample) or self.transform is None:
+            return item
+        return transformed(self.transform, item, self.samples[index][0])
 
 
 def collate_skip_bad(batch: list[Any]) -> tuple[torch.Tensor | None, torch.Tensor | None, list[BadSample]]:
@@ -418,7 +425,7 @@ class BadFiles:
         return [{"path": path, "reason": reason} for path, reason in sorted(self.files.items())]
 
 
-def make_loader(dataset: SafeImageFolder, batch_size: int, *, shuffle: bool, workers: int,
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, workers: int,
                 generator: torch.Generator | None, pin_memory: bool, persistent_workers: bool = False,
                 prefetch_factor: int = 2) -> DataLoader:
     """Without ``persistent_workers`` (the CPU default) workers are fresh each epoch: their seeds then depend only
@@ -963,19 +970,44 @@ def _run_epoch(args: argparse.Namespace, setup: _Setup, progress: _Progress, epo
     return row
 
 
+def _use_device_cache(args: argparse.Namespace, data: _Data, device: torch.device) -> bool:
+    """Resolve ``--device-cache`` (auto: CUDA only) against the memory it needs; the log says what and why."""
+    if args.device_cache is False or (args.device_cache is None and device.type != "cuda"):
+        args.device_cache = False
+        return False
+    ok, verdict = device_cache.fits([data.train_set, data.val_set], device)
+    if not ok:
+        (logger.warning if args.device_cache else logger.info)("device cache off, the loader stays: %s", verdict)
+    else:
+        logger.info("device cache on: %s", verdict)
+    args.device_cache = ok
+    return ok
+
+
+def _loaders(args: argparse.Namespace, data: _Data, device: torch.device, generator: torch.Generator
+             ) -> tuple[DataLoader, DataLoader]:
+    """The train (shuffled by ``generator``) and validation loaders: over the image folders with ``--workers``, or
+    over their decoded copies in device memory (:mod:`training.device_cache`), in this process."""
+    if _use_device_cache(args, data, device):
+        splits = [device_cache.cache_split(folder, device, args.workers) for folder in (data.train_set, data.val_set)]
+        options: dict[str, Any] = {"workers": 0, "pin_memory": False}
+    else:
+        splits = [data.train_set, data.val_set]
+        options = {"workers": args.workers, "pin_memory": device.type == "cuda",
+                   "persistent_workers": args.persistent_workers, "prefetch_factor": args.prefetch_factor}
+    return (make_loader(splits[0], args.batch_size, shuffle=True, generator=generator, **options),
+            make_loader(splits[1], args.test_batch_size, shuffle=False, generator=None, **options))
+
+
 def _train_epochs(args: argparse.Namespace, setup: _Setup, progress: _Progress, data: _Data, ctx: _Context,
                   output_dir: Path) -> None:
     """Epochs ``progress.start_epoch..args.epochs`` (stopping early, or raising when the loss diverges)."""
-    pin = ctx.device.type == "cuda"
     generator = torch.Generator()
-    options = {"workers": args.workers, "pin_memory": pin, "persistent_workers": args.persistent_workers,
-               "prefetch_factor": args.prefetch_factor}
-    loaders = (make_loader(data.train_set, args.batch_size, shuffle=True, generator=generator, **options),
-               make_loader(data.val_set, args.test_batch_size, shuffle=False, generator=None, **options))
-    logger.info("training %s on %s (amp=%s, channels_last=%s, device_normalize=%s, compile=%s, workers=%d, "
-                "persistent_workers=%s, prefetch_factor=%d) for epochs %d..%d", args.arch, ctx.device, ctx.amp,
-                args.channels_last, args.device_normalize, args.compile, args.workers, args.persistent_workers,
-                args.prefetch_factor, progress.start_epoch, args.epochs)
+    loaders = _loaders(args, data, ctx.device, generator)
+    logger.info("training %s on %s (amp=%s, channels_last=%s, device_normalize=%s, compile=%s, device_cache=%s, "
+                "workers=%d, persistent_workers=%s, prefetch_factor=%d) for epochs %d..%d", args.arch, ctx.device,
+                ctx.amp, args.channels_last, args.device_normalize, args.compile, args.device_cache, args.workers,
+                args.persistent_workers, args.prefetch_factor, progress.start_epoch, args.epochs)
     for epoch in range(progress.start_epoch, args.epochs + 1):
         generator.manual_seed(args.seed + epoch)  # shuffling and worker seeds are a function of (seed, epoch)
         row = _run_epoch(args, setup, progress, epoch, loaders, ctx, data.classes, output_dir)
@@ -1015,7 +1047,7 @@ def _summary(args: argparse.Namespace, device: torch.device, setup: _Setup, prog
     return {"device": str(device), "cuda_device_name": torch.cuda.get_device_name(device) if cuda else None,
             "num_gpus": torch.cuda.device_count() if cuda else 0,
             "workers": args.workers, "amp": ctx.amp, "channels_last": args.channels_last,
-            "device_normalize": args.device_normalize, "compile": args.compile,
+            "device_normalize": args.device_normalize, "compile": args.compile, "device_cache": args.device_cache,
             "persistent_workers": args.persistent_workers, "prefetch_factor": args.prefetch_factor,
             "start_epoch": progress.start_epoch, "epochs_completed": progress.epochs_completed,
             "resumed": setup.checkpoint is not None, "early_stopped": progress.early_stopped,
