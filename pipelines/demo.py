@@ -33,7 +33,7 @@ from pipelines.local.storage.store import mlops_home
 console = Console()
 logger = logging.getLogger("pipelines.demo")
 
-#: Parameters sized for ~3-5 minutes on 2 CPU cores.
+#: Parameters sized for a pipeline of about 20-25 s on 2 CPU cores (benchmarks/bench_startup.py).
 DEMO_PARAMETERS = {
     "Arch": "resnet18",
     "Pretrained": "none",
