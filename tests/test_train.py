@@ -576,3 +576,20 @@ def test_a_device_cache_that_does_not_fit_leaves_the_loader(tmp_path: Path, monk
     assert summary["device_cache"] is False
     assert any("device cache off, the loader stays" in r.getMessage() and "budget 0 MiB" in r.getMessage()
                for r in caplog.records)
+
+
+@pytest.mark.fast
+def test_a_failing_transform_skips_the_image_but_a_device_out_of_memory_stops_the_job() -> None:
+    import torch
+
+    from training.samples import BadSample, transformed
+
+    def odd(_sample):
+        raise ValueError("too small to crop")
+
+    def oom(_sample):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    assert transformed(odd, ("x", 1), "a.jpg") == BadSample("a.jpg", "ValueError: too small to crop")
+    with pytest.raises(torch.OutOfMemoryError):
+        transformed(oom, ("x", 1), "a.jpg")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import torch
+
 
 class BadSample(NamedTuple):
     """Returned by the datasets instead of a sample whose file cannot be read."""
@@ -17,5 +19,7 @@ def transformed(transform: Any, item: tuple[Any, int], path: str) -> tuple[Any, 
     """``(transform(sample), target)``, or a ``BadSample`` naming ``path`` when the transform fails on it."""
     try:
         return transform(item[0]), item[1]
+    except torch.OutOfMemoryError:
+        raise  # the device's problem, not the image's (training.device_cache augments on the GPU)
     except Exception as exc:  # one odd image must not end the job
         return BadSample(path, f"{type(exc).__name__}: {exc}")
