@@ -138,42 +138,30 @@ JOB_STEP_TYPES = ("Training", "Processing", "Tuning")
 IMAGE_KEYS = ("TrainingImage", "ImageUri")
 
 
-def _images(node: Any) -> Iterator[Any]:
+def _mappings(node: Any) -> Iterator[Mapping[str, Any]]:
+    """Every JSON object in ``node``, outermost first."""
     if isinstance(node, Mapping):
-        for key, value in node.items():
-            if key in IMAGE_KEYS:
-                yield value
-            else:
-                yield from _images(value)
-    elif isinstance(node, list):
+        yield node
+        node = list(node.values())
+    if isinstance(node, list):
         for item in node:
-            yield from _images(item)
-
-
-def _job_steps(node: Any) -> Iterator[Mapping[str, Any]]:
-    if isinstance(node, Mapping):
-        if node.get("Type") in JOB_STEP_TYPES:
-            yield node
-        for value in node.values():
-            yield from _job_steps(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _job_steps(item)
+            yield from _mappings(item)
 
 
 def uses_project_environment(definition: str | Mapping[str, Any]) -> bool:
     """Whether a pipeline definition has a job that runs over the project's environment (a PyTorch image, an
     unknown one, or one named by an expression): only then is a zygote worth starting before the first step."""
     data = json.loads(definition) if isinstance(definition, str) else definition
-    for step in _job_steps(data.get("Steps") or []):
-        for image in _images(step.get("Arguments") or {}):
-            if not isinstance(image, str):
+    jobs = (step for step in _mappings(data.get("Steps") or []) if step.get("Type") in JOB_STEP_TYPES)
+    for image in (found[key] for step in jobs for found in _mappings(step.get("Arguments") or {})
+                  for key in IMAGE_KEYS if key in found):
+        if not isinstance(image, str):
+            return True
+        try:
+            if envs.spec_for(image) is None:
                 return True
-            try:
-                if envs.spec_for(image) is None:
-                    return True
-            except envs.EnvironmentUnavailable:
-                continue
+        except envs.EnvironmentUnavailable:
+            continue
     return False
 
 
