@@ -68,12 +68,6 @@ def time_loader(folder: Path, image_size: int, batch_size: int, workers: int, ep
             "dataset_mb": round(size_mb, 2)}
 
 
-def median_run(runs: list[dict]) -> dict:
-    """The run of median throughput, with every round's images/s."""
-    ordered = sorted(runs, key=lambda r: r["images_per_s"])
-    return {**ordered[(len(ordered) - 1) // 2], "rounds_images_per_s": [r["images_per_s"] for r in runs]}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
@@ -106,7 +100,7 @@ def main() -> None:
             for name in names:
                 folder, loader = variants[name]
                 runs[name].append(time_loader(folder, *common, loader=loader))
-        baseline, ours, trainer = (median_run(runs[name]) for name in variants)
+        baseline, ours, trainer = (report_file.median_run(runs[name], "images_per_s") for name in variants)
     result = {
         "benchmark": "dataloading", "python": platform.python_version(), "torch": torch.__version__,
         "cpus": torch.get_num_threads(), "params": vars(args),

@@ -422,12 +422,12 @@ def pipeline_section(work: Path, repeats: int, variants: dict[str, Any]) -> dict
             runs[key].append(pipeline_report(work, warm, run, variants))
     section: dict[str, Any] = {"pipeline_runs": runs, "pipeline_execution_s": {}}
     for key, reports in runs.items():
-        timed = sorted((r for r in reports if r.get("execution_s")), key=lambda r: r["execution_s"])
+        timed = [r for r in reports if r.get("execution_s")]
         if not timed:
             section[key] = reports[0]
             continue
-        section[key] = timed[(len(timed) - 1) // 2]
-        samples = [r["execution_s"] for r in reports if r.get("execution_s")]
+        section[key] = report_file.median_run(timed, "execution_s")
+        samples = section[key]["rounds_execution_s"]
         section["pipeline_execution_s"][key] = {"samples_s": samples, "median_s": round(statistics.median(samples), 3),
                                                 "max_s": max(samples), "failed_runs": len(reports) - len(samples)}
     times = section["pipeline_execution_s"]

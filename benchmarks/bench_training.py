@@ -165,10 +165,8 @@ def measure(data: Path, work: Path, args: argparse.Namespace, cuda: bool) -> dic
 
 def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median ``samples_per_s`` (its other figures with it), plus every round's figure."""
-    ordered = sorted(runs, key=lambda r: r["samples_per_s"])
-    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen = report_file.median_run(runs, "samples_per_s")
     chosen["samples_per_s"] = statistics.median(r["samples_per_s"] for r in runs)
-    chosen["rounds_samples_per_s"] = [r["samples_per_s"] for r in runs]
     return chosen
 
 

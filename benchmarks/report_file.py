@@ -1,4 +1,5 @@
-"""Writing a benchmark's JSON report: one function every ``bench_*.py`` uses (``from report_file import write``).
+"""What every ``bench_*.py`` shares: writing its JSON report (``report_file.write``) and picking the median of its
+rounds (``report_file.median_run``).
 
 A script run as ``python benchmarks/bench_x.py`` has ``benchmarks/`` first on ``sys.path``, so this module is found
 beside it without a package.
@@ -22,3 +23,10 @@ def write(path: str | os.PathLike[str], report: dict[str, Any]) -> Path:
     os.replace(tmp, out)
     print(f"wrote {out}")
     return out
+
+
+def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The run whose ``key`` is the median (the lower middle one of an even count), its other figures with it, plus
+    ``rounds_<key>``: every run's ``key`` in run order."""
+    ordered = sorted(runs, key=lambda run: run[key])
+    return {**ordered[(len(ordered) - 1) // 2], f"rounds_{key}": [run[key] for run in runs]}
