@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from support.local_state import local_state
 
 # Subprocesses (trainer, evaluation, endpoints) inherit this: on 2 cores OpenMP threads spin against each
 # other and make small CPU jobs several times slower.
@@ -94,13 +95,8 @@ def local_aws(tmp_path_factory):
     from pipelines.local.api import server
 
     home = tmp_path_factory.mktemp("mlops")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLOPS_HOME", str(home))
-        url = server.up()
-        try:
-            yield url, home
-        finally:
-            server.down()
+    with local_state(home):
+        yield server.up(), home
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """A module fixture's own local state: ``MLOPS_HOME`` (and other variables) set for a block, and afterwards what the
 block left running -- endpoints it deployed, the local AWS service its commands started -- stopped, and the
-variables restored. One place for what test_local_engine_e2e, test_ui and test_own_data each did by hand."""
+variables restored. One place for what conftest's ``local_aws``, test_local_engine_e2e, test_ui and test_own_data
+each did by hand."""
 
 from __future__ import annotations
 
