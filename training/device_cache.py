@@ -22,12 +22,14 @@ stays, and the log says why.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from training.samples import BadSample, transformed
 
@@ -84,8 +86,6 @@ def memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * DEVICE_MEMORY_FRACTION)
-    import os
-
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * HOST_MEMORY_FRACTION)
 
 
@@ -107,8 +107,6 @@ class _Decode(Dataset):
         return len(self.folder.samples)
 
     def __getitem__(self, index: int) -> Any:
-        from torchvision.transforms.v2.functional import pil_to_tensor
-
         item = self.folder.decoded(index)
         if not isinstance(item, BadSample) and not isinstance(item[0], torch.Tensor):
             item = (pil_to_tensor(item[0]), item[1])

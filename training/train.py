@@ -98,6 +98,7 @@ from PIL import Image, ImageFile
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import datasets
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from training import debugger, device_cache
 from training.images import to_rgb
@@ -340,8 +341,6 @@ def image_loader(path: str) -> torch.Tensor | Image.Image:
     ``benchmarks/bench_dataloading.py``). Anything else -- PNG and the other formats, a grayscale or CMYK JPEG, a
     file torchvision refuses (truncated, corrupt) -- goes through :func:`pil_loader`, so its conversion rules and the
     errors a bad file is reported with stay Pillow's. ``train_transform``/``eval_transform`` take either."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     with open(path, "rb") as fh:
         data = fh.read()
     if data[:3] == JPEG_MAGIC:
